@@ -1,0 +1,265 @@
+"""The HTTP API: routes, the services they share, and the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import db, openapi, sweeper
+from .auth import KeyRing, Role
+from .errors import ApiError
+from .keys import Keys
+from .reservations import Reservations
+from .sales import Sales
+from .schemas import CancelIn, ConfirmIn, Health, ReserveIn, SaleIn, encoder
+from .scripts import Scripts
+from .settings import Settings
+
+log = logging.getLogger("flashsale.api")
+T = TypeVar("T")
+MAX_BODY = 16 * 1024
+SLUG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+USER_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+FIELD = re.compile(r"at `\$\.([A-Za-z_]+)")
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    redis: Redis
+    pool: asyncpg.Pool
+    keyring: KeyRing
+    sales: Sales
+    reservations: Reservations
+
+
+def services(request: Request) -> Services:
+    s: Services = request.app.state.services
+    return s
+
+
+def json(body: msgspec.Struct | dict[str, Any], status: int = 200) -> Response:
+    return Response(encoder.encode(body), status, media_type="application/json")
+
+
+async def body(request: Request, type_: type[T]) -> T:
+    """The request body, at most 16 KiB, decoded and validated as ``type_``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise ApiError("invalid_request", "body is over 16 KiB", status=400)
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError("invalid_request", "body is over 16 KiB", status=400)
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ApiError("invalid_request", str(exc), fields=FIELD.findall(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError("invalid_request", f"body is not valid JSON: {exc}", status=400) from None
+
+
+def authorize(request: Request, role: Role) -> Services:
+    svc = services(request)
+    svc.keyring.require(request.headers.get("authorization"), role)
+    return svc
+
+
+def slug(request: Request, name: str) -> str:
+    value: str = request.path_params[name]
+    if not SLUG.match(value):
+        raise ApiError("not_found", f"no {name.removesuffix('_id')} {value!r}")
+    return value
+
+
+def user_id(request: Request) -> str:
+    value = request.query_params.get("user_id", "")
+    if not USER_ID.match(value):
+        raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)",
+                       fields=["user_id"])
+    return value
+
+
+async def create_sale(request: Request) -> Response:
+    svc = authorize(request, "ops")
+    sale = await svc.sales.create(await body(request, SaleIn))
+    return json(sale, 201)
+
+
+async def get_sale(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    return json(await svc.sales.view(slug(request, "sale_id")))
+
+
+async def reserve(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    sale_id = slug(request, "sale_id")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise ApiError("invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters",
+                       fields=["Idempotency-Key"])
+    ask = await body(request, ReserveIn)
+    reservation, created = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
+    return json(reservation, 201 if created else 200)
+
+
+async def get_reservation(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    return json(await svc.reservations.get(request.path_params["rid"], user_id(request)))
+
+
+async def confirm(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    ask = await body(request, ConfirmIn)
+    return json(await svc.reservations.settle(request.path_params["rid"], ask.user_id, "confirm", ask.payment_ref))
+
+
+async def cancel(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    ask = await body(request, CancelIn)
+    return json(await svc.reservations.settle(request.path_params["rid"], ask.user_id, "cancel"))
+
+
+async def healthz(request: Request) -> Response:
+    return json(Health(status="ok"))
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    checks: dict[str, str] = {}
+
+    async def check(name: str, probe: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await asyncio.wait_for(probe(), 1.0)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means "not ready", and says why
+            checks[name] = f"unreachable: {type(exc).__name__}"
+
+    await asyncio.gather(check("redis", svc.redis.ping), check("postgres", lambda: svc.pool.fetchval("SELECT 1")))
+    ok = all(v == "ok" for v in checks.values())
+    return json(Health(status="ok" if ok else "unavailable", checks=checks), 200 if ok else 503)
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/v1/sales", create_sale, methods=["POST"]),
+    Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),
+    Route("/v1/sales/{sale_id}/reservations", reserve, methods=["POST"]),
+    Route("/v1/reservations/{rid}", get_reservation, methods=["GET"]),
+    Route("/v1/reservations/{rid}/confirm", confirm, methods=["POST"]),
+    Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),
+]
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return ApiError("method_not_allowed", f"{request.method} is not allowed here").response()
+    return ApiError("not_found", f"no endpoint {request.url.path}").response()
+
+
+async def on_redis_error(request: Request, exc: Exception) -> Response:
+    log.warning("redis unavailable: %r", exc)
+    return ApiError("unavailable", retry_after=1).response()
+
+
+async def on_crash(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return ApiError("internal", "internal error; it has been logged").response()
+
+
+class Shed:
+    """Answers 503 with Retry-After at once when more requests are in flight than the process
+    can serve well, instead of queueing them until everything times out."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await ApiError("unavailable", "the service is at capacity", retry_after=1).response()(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def create_app(settings: Settings) -> Starlette:
+    settings.require_servers()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = Redis(connection_pool=BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_pool_size, timeout=5, decode_responses=True))
+        pool = await db.create_pool(settings.database_url, settings.db_pool_size)
+        keys = Keys(settings.key_prefix)
+        scripts = Scripts.load(redis, settings.lua_dir)
+        app.state.services = Services(
+            settings=settings, redis=redis, pool=pool,
+            keyring=KeyRing.build(settings.ops_keys, settings.storefront_keys),
+            sales=Sales(redis, keys, scripts),
+            reservations=Reservations(redis, keys, scripts, settings),
+        )
+        app.state.openapi = openapi.document()
+        stop = asyncio.Event()
+        sweep = asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper")
+        try:
+            yield
+        finally:
+            stop.set()
+            await sweep
+            await pool.close()
+            await redis.aclose(close_connection_pool=True)
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: on_api_error, HTTPException: on_http_error, RedisError: on_redis_error, Exception: on_crash,
+        },
+    )
+    app.add_middleware(Shed, limit=settings.max_in_flight)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """The uvicorn factory: every worker process reads the same environment once."""
+    from .logs import setup_logging
+
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,79 @@
+"""Every Redis key name, built in one place.
+
+All keys of one sale share the hash tag ``{sale_id}`` so that a sale lives in one Cluster slot
+and every Lua script touches one slot only. Sale ids and skus are limited to ``[A-Za-z0-9_-]``,
+so they can never contain the tag braces or the ``:`` separator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "persister"  # consumer group on every sale's event stream
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "fs"
+
+    # ZSET sale_id -> created ms. Every sale ever created; lives as long as the data.
+    @property
+    def sales(self) -> str:
+        return f"{self.prefix}:sales"
+
+    # STRING, PX ~1 s: whoever holds it runs the expiry sweep for this tick.
+    @property
+    def sweeper_lock(self) -> str:
+        return f"{self.prefix}:sweeper:lock"
+
+    # STRING per persister process, PX 10 s, refreshed every loop: "workers alive".
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    def _sale(self, sale_id: str) -> str:
+        return f"{self.prefix}:{{{sale_id}}}"
+
+    # HASH: state, window, hold length, the sale document (JSON), skus. Lives with the sale.
+    def sale(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:sale"
+
+    # HASH per item: stock_total, available, held, confirmed, cancelled, expired (units),
+    # reservations, attempts, rej:<code> counters, per_user_limit. Lives with the sale.
+    def item(self, sale_id: str, sku: str) -> str:
+        return f"{self._sale(sale_id)}:item:{sku}"
+
+    # HASH per item: user_id -> units held + confirmed. Lives with the sale.
+    def users(self, sale_id: str, sku: str) -> str:
+        return f"{self._sale(sale_id)}:users:{sku}"
+
+    # ZSET per item: rid -> expires ms of each live hold; the sweeper's due-time index.
+    def holds(self, sale_id: str, sku: str) -> str:
+        return f"{self._sale(sale_id)}:holds:{sku}"
+
+    # HASH per reservation: rid, sku, user, qty, status, created/expires/final ms. Lives with the sale.
+    def reservation(self, sale_id: str, rid: str) -> str:
+        return f"{self._sale(sale_id)}:res:{rid}"
+
+    # STREAM of reserve/confirm/cancel/expire/sale events; group GROUP feeds Postgres.
+    # Trimmed by the persister below the oldest entry not yet acknowledged.
+    def events(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:events"
+
+    # STREAM of entries the persister gave up on, with the reason. Kept for ops.
+    def dead(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:dead"
+
+    # STRING "rid|fingerprint": scoped to (sale, user, key); lives with the sale, no TTL.
+    def idempotency(self, sale_id: str, user_id: str, key: str) -> str:
+        # The user's length goes first so that ("a:b", "c") and ("a", "b:c") never collide.
+        return f"{self._sale(sale_id)}:idem:{len(user_id)}:{user_id}:{key}"
+
+    # STRING counter, PX 1 s: attempts of one user on one sale in the current second.
+    def rate(self, sale_id: str, user_id: str) -> str:
+        return f"{self._sale(sale_id)}:rate:{user_id}"
+
+    def sale_pattern(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:*"

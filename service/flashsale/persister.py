@@ -1,0 +1,265 @@
+"""Drains each sale's event stream into Postgres, in batches, idempotently.
+
+Every event carries the whole reservation, so any one of them can create the row; a final
+status never goes back to ``held``; entries are XACKed only after their batch committed.
+Entries left pending by a dead worker are claimed (XAUTOCLAIM) and finished; an entry that
+keeps failing goes to the sale's dead-letter stream. When Postgres is down the batch is
+retried with backoff and the backlog simply waits in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .keys import GROUP, Keys
+from .schemas import SaleIn
+from .settings import Settings
+
+log = logging.getLogger("flashsale.persister")
+
+Entry = tuple[str, dict[str, str]]
+FINAL = ("confirmed", "released", "expired")
+# SQLSTATE classes 22 (data) and 23 (constraint): the entry itself is bad and retrying won't help.
+POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+UPSERT_RESERVATIONS = """
+INSERT INTO reservations (id, sale_id, sku, user_id, quantity, status, idempotency_key, payment_ref,
+                          created_at, expires_at, confirmed_at, released_at, expired_at)
+SELECT r.id, $1, r.sku, r.user_id, r.qty, r.status, r.idem, nullif(r.pay, ''),
+       to_timestamp(r.created / 1000.0), to_timestamp(r.expires / 1000.0),
+       CASE WHEN r.status = 'confirmed' THEN to_timestamp(r.at / 1000.0) END,
+       CASE WHEN r.status = 'released' THEN to_timestamp(r.at / 1000.0) END,
+       CASE WHEN r.status = 'expired' THEN to_timestamp(r.at / 1000.0) END
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[],
+            $9::bigint[], $10::bigint[], $11::bigint[])
+     AS r(id, sku, user_id, qty, status, idem, pay, created, expires, at)
+ON CONFLICT (id) DO UPDATE SET
+    status = EXCLUDED.status, payment_ref = EXCLUDED.payment_ref, confirmed_at = EXCLUDED.confirmed_at,
+    released_at = EXCLUDED.released_at, expired_at = EXCLUDED.expired_at, persisted_at = now()
+WHERE reservations.status = 'held' AND EXCLUDED.status <> 'held'
+"""
+
+UPSERT_SALE = """
+INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at)
+VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0))
+ON CONFLICT (id) DO UPDATE SET
+    name = EXCLUDED.name, starts_at = EXCLUDED.starts_at, ends_at = EXCLUDED.ends_at,
+    hold_seconds = EXCLUDED.hold_seconds, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at
+WHERE sales.changed_at <= EXCLUDED.changed_at
+"""
+
+UPSERT_ITEMS = """
+INSERT INTO items (sale_id, sku, name, price_cents, stock_total, per_user_limit)
+SELECT $1, i.sku, i.name, i.price, i.stock, i.lim
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::int[]) AS i(sku, name, price, stock, lim)
+WHERE (SELECT changed_at FROM sales WHERE id = $1) <= to_timestamp($7 / 1000.0)
+ON CONFLICT (sale_id, sku) DO UPDATE SET
+    name = EXCLUDED.name, price_cents = EXCLUDED.price_cents, stock_total = EXCLUDED.stock_total,
+    per_user_limit = EXCLUDED.per_user_limit
+"""
+
+
+def merge(entries: Sequence[Entry]) -> tuple[dict[str, dict[str, str]], dict[str, str] | None]:
+    """Collapses a batch to one row per reservation (its latest status) and the newest sale event,
+    so that one statement never touches a row twice."""
+    rows: dict[str, dict[str, str]] = {}
+    sale: dict[str, str] | None = None
+    for _, ev in entries:
+        if ev["type"] == "sale":
+            if sale is None or int(ev["at_ms"]) >= int(sale["at_ms"]):
+                sale = ev
+            continue
+        prior = rows.get(ev["rid"])
+        if prior is None or prior["status"] == "held":
+            rows[ev["rid"]] = ev
+    return rows, sale
+
+
+def check(fields: dict[str, str]) -> None:
+    """Raises ValueError for an entry the persister cannot write."""
+    kind = fields.get("type")
+    if kind == "sale":
+        msgspec.json.decode(fields["doc"], type=SaleIn)
+        int(fields["at_ms"])
+        return
+    if kind not in ("reserve", *FINAL) or fields.get("status") not in ("held", *FINAL):
+        raise ValueError(f"unknown event type {kind!r}")
+    for name in ("qty", "created_ms", "expires_ms", "at_ms"):
+        int(fields[name])
+    for name in ("rid", "sku", "user"):
+        if not fields.get(name):
+            raise ValueError(f"missing {name}")
+
+
+async def write(conn: asyncpg.Connection, sale_id: str, entries: Sequence[Entry]) -> None:
+    rows, sale = merge(entries)
+    async with conn.transaction():
+        if sale is not None:
+            doc = msgspec.json.decode(sale["doc"], type=SaleIn)
+            at = int(sale["at_ms"])
+            await conn.execute(UPSERT_SALE, sale_id, doc.name, doc.starts_at, doc.ends_at,
+                               doc.hold_seconds, sale["state"], at)
+            await conn.execute(UPSERT_ITEMS, sale_id, [i.sku for i in doc.items], [i.name for i in doc.items],
+                               [i.price_cents for i in doc.items], [i.stock for i in doc.items],
+                               [i.per_user_limit for i in doc.items], at)
+        if rows:
+            r = list(rows.values())
+            await conn.execute(
+                UPSERT_RESERVATIONS, sale_id, [e["rid"] for e in r], [e["sku"] for e in r],
+                [e["user"] for e in r], [int(e["qty"]) for e in r], [e["status"] for e in r],
+                [e.get("idem", "") for e in r], [e.get("payment_ref", "") for e in r],
+                [int(e["created_ms"]) for e in r], [int(e["expires_ms"]) for e in r], [int(e["at_ms"]) for e in r],
+            )
+
+
+@dataclass
+class Persister:
+    redis: Redis
+    pool: asyncpg.Pool
+    keys: Keys
+    settings: Settings
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    written: int = 0
+    dead_lettered: int = 0
+    _streams: dict[str, str] = field(default_factory=dict)
+    _streams_at: float = 0.0
+    _claimed_at: float = 0.0
+    _trimmed_at: float = 0.0
+
+    async def streams(self) -> dict[str, str]:
+        """stream key -> sale id for every sale, refreshed once a second."""
+        if time.monotonic() - self._streams_at > 1.0:
+            sale_ids = await self.redis.zrange(self.keys.sales, 0, -1)
+            pipe = self.redis.pipeline(transaction=False)
+            for s in sale_ids:
+                pipe.exists(self.keys.events(s))
+            exists = await pipe.execute()
+            self._streams = {self.keys.events(s): s for s, e in zip(sale_ids, exists, strict=True) if e}
+            self._streams_at = time.monotonic()
+        return self._streams
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("persister started", extra={"consumer": self.name})
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                await self.step(stop)
+                backoff = 0.1
+            except RedisError as exc:
+                log.warning("redis unreachable, retrying in %.1fs: %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        await self.redis.delete(self.keys.worker(self.name))
+        log.info("persister stopped", extra={"consumer": self.name, "written": self.written})
+
+    async def step(self, stop: asyncio.Event) -> None:
+        await self.redis.set(self.keys.worker(self.name), "1", px=10_000)
+        streams = await self.streams()
+        if not streams:
+            await asyncio.sleep(self.settings.persist_block_ms / 1000)
+            return
+        now = time.monotonic()
+        if now - self._claimed_at > self.settings.claim_idle_ms / 2000:
+            self._claimed_at = now
+            for stream in streams:
+                await self.claim(stream, streams[stream], stop)
+        replies = await self.redis.xreadgroup(
+            GROUP, self.name, dict.fromkeys(streams, ">"),
+            count=self.settings.persist_batch, block=self.settings.persist_block_ms,
+        )
+        for stream, entries in replies or []:
+            await self.handle(stream, streams[stream], entries, stop)
+        if now - self._trimmed_at > 5.0:
+            self._trimmed_at = now
+            for stream in streams:
+                await self.trim(stream)
+
+    async def claim(self, stream: str, sale_id: str, stop: asyncio.Event) -> None:
+        """Takes over entries another (likely dead) consumer left pending too long."""
+        start = "0-0"
+        while not stop.is_set():
+            start, entries, deleted = await self.redis.xautoclaim(
+                stream, GROUP, self.name, self.settings.claim_idle_ms, start, count=self.settings.persist_batch
+            )
+            if deleted:
+                await self.redis.xack(stream, GROUP, *deleted)
+            if entries:
+                pending = await self.redis.xpending_range(
+                    stream, GROUP, entries[0][0], entries[-1][0], len(entries), consumername=self.name
+                )
+                tries = {p["message_id"]: p["times_delivered"] for p in pending}
+                worn = [e for e in entries if tries.get(e[0], 0) > self.settings.max_deliveries]
+                for entry_id, fields in worn:
+                    await self.dead_letter(stream, sale_id, entry_id, fields, "failed too many times")
+                live = [e for e in entries if tries.get(e[0], 0) <= self.settings.max_deliveries]
+                log.info("claimed pending entries", extra={"stream": stream, "claimed": len(entries)})
+                await self.handle(stream, sale_id, live, stop)
+            if start == "0-0":
+                return
+
+    async def handle(self, stream: str, sale_id: str, entries: list[Entry], stop: asyncio.Event) -> None:
+        good: list[Entry] = []
+        for entry_id, fields in entries:
+            try:
+                check(fields)
+                good.append((entry_id, fields))
+            except (KeyError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+                await self.dead_letter(stream, sale_id, entry_id, fields, f"malformed: {exc!r}")
+        if not good:
+            return
+        if await self.write(sale_id, good, stop):
+            await self.redis.xack(stream, GROUP, *(e[0] for e in good))
+            self.written += len(good)
+            log.info("batch persisted", extra={"sale_id": sale_id, "entries": len(good)})
+        elif len(good) > 1:
+            # Something in the batch is poison: write the rest one by one; the bad one stays
+            # pending and is dead-lettered after max_deliveries claims.
+            for entry in good:
+                if await self.write(sale_id, [entry], stop):
+                    await self.redis.xack(stream, GROUP, entry[0])
+                    self.written += 1
+
+    async def write(self, sale_id: str, entries: Sequence[Entry], stop: asyncio.Event) -> bool:
+        """True once committed, False if the entries themselves are bad (or we are stopping)."""
+        backoff = 0.1
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    await write(conn, sale_id, entries)
+                return True
+            except POISON as exc:
+                log.error("entries refused by postgres", extra={"sale_id": sale_id, "error": repr(exc)})
+                return False
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if stop.is_set():
+                    return False
+                log.warning("postgres unavailable, batch waits %.1fs: %r", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def dead_letter(self, stream: str, sale_id: str, entry_id: str, fields: dict[str, str], why: str) -> None:
+        await self.redis.xadd(self.keys.dead(sale_id), {**fields, "entry_id": entry_id, "reason": why})
+        await self.redis.xack(stream, GROUP, entry_id)
+        self.dead_lettered += 1
+        log.error("dead-lettered entry", extra={"sale_id": sale_id, "entry_id": entry_id, "reason": why})
+
+    async def trim(self, stream: str) -> None:
+        """Drops entries every consumer is done with, so the stream does not grow for ever."""
+        summary = await self.redis.xpending(stream, GROUP)
+        groups = await self.redis.xinfo_groups(stream)
+        delivered = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), None)
+        floor = summary["min"] if summary and summary.get("pending") else delivered
+        if floor and floor != "0-0":
+            await self.redis.xtrim(stream, minid=floor, approximate=False)

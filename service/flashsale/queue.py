@@ -1,0 +1,43 @@
+"""How far the persister is behind on a sale's event stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from .keys import GROUP, Keys
+from .sales import now_ms
+
+
+@dataclass(frozen=True)
+class Backlog:
+    events: int  # delivered-but-unacknowledged plus not yet delivered
+    oldest_age_s: float  # age of the oldest event not yet in Postgres; 0 when none
+    dead_lettered: int
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+async def backlog(redis: Redis, keys: Keys, sale_id: str) -> Backlog:
+    stream = keys.events(sale_id)
+    pipe = redis.pipeline(transaction=True)
+    pipe.xinfo_groups(stream)
+    pipe.xpending(stream, GROUP)
+    pipe.xlen(keys.dead(sale_id))
+    groups, pending, dead = await pipe.execute()
+    group = next(g for g in groups if g["name"] == GROUP)
+    lag = group.get("lag")
+    if lag is None:  # Redis could not tell: count what lies after the last delivered entry
+        lag = len(await redis.xrange(stream, f"({group['last-delivered-id']}", "+"))
+    oldest: list[int] = []
+    if pending and pending.get("pending"):
+        oldest.append(_id_ms(pending["min"]))
+    if lag:
+        first = await redis.xrange(stream, f"({group['last-delivered-id']}", "+", count=1)
+        if first:
+            oldest.append(_id_ms(first[0][0]))
+    age = max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0
+    return Backlog(events=int(pending["pending"] if pending else 0) + int(lag), oldest_age_s=age, dead_lettered=dead)

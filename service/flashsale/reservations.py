@@ -1,0 +1,111 @@
+"""Reserve, read, confirm and cancel: each one call to a Lua script that decides atomically."""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+from redis.asyncio import Redis
+
+from .errors import ApiError
+from .keys import Keys
+from .sales import instant, now_ms
+from .schemas import Reservation
+from .scripts import Scripts
+from .settings import Settings
+
+RID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.[A-Za-z0-9_-]{22}$")
+FIELDS = ("rid", "sku", "user", "qty", "status", "created_ms", "expires_ms", "final_ms", "payment_ref")
+
+
+def new_rid(sale_id: str) -> str:
+    """The sale id (so the id finds its keys) and 128 random bits (so nobody can guess one)."""
+    return f"{sale_id}.{secrets.token_urlsafe(16)}"
+
+
+def sale_of(rid: str) -> str:
+    match = RID.match(rid)
+    if match is None:
+        raise ApiError("not_found", "no such reservation")
+    return match.group(1)
+
+
+def to_reservation(sale_id: str, values: list[str | None], now: int | None = None) -> Reservation:
+    rid, sku, user, qty, status, created, expires, final, payment_ref = values
+    assert rid and sku and user and qty and status and created and expires
+    if status == "held" and now is not None and now >= int(expires):
+        status = "expired"  # due and about to be swept: say what it is
+    return Reservation(
+        reservation_id=rid, sale_id=sale_id, sku=sku, user_id=user, quantity=int(qty),
+        status=status,  # type: ignore[arg-type]
+        created_at=instant(created), expires_at=instant(expires),
+        updated_at=instant(final) if final else None, payment_ref=payment_ref or None,
+    )
+
+
+def reject(code: str, number: int) -> ApiError:
+    if code == "not_found":
+        return ApiError("not_found", "no such sale or item")
+    if code in ("sold_out", "limit_exceeded"):
+        return ApiError(code, available=number)
+    if code == "sale_not_started":
+        return ApiError(code, starts_at=instant(number), retry_after=max(1, math.ceil((number - now_ms()) / 1000)))
+    if code == "rate_limited":
+        return ApiError(code, retry_after=max(1, math.ceil(number / 1000)))
+    return ApiError(code)
+
+
+@dataclass(frozen=True)
+class Reservations:
+    redis: Redis
+    keys: Keys
+    scripts: Scripts
+    settings: Settings
+
+    async def reserve(
+        self, sale_id: str, user_id: str, sku: str, quantity: int, idempotency_key: str | None
+    ) -> tuple[Reservation, bool]:
+        """Returns the reservation and whether this call created it (False: a replay)."""
+        k = self.keys
+        rid = new_rid(sale_id)
+        idem = idempotency_key or ""
+        result = await self.scripts.reserve(
+            keys=[k.sale(sale_id), k.item(sale_id, sku), k.users(sale_id, sku), k.holds(sale_id, sku),
+                  k.reservation(sale_id, rid), k.events(sale_id),
+                  k.idempotency(sale_id, user_id, idem), k.rate(sale_id, user_id)],
+            args=[rid, user_id, sku, quantity, f"{sku}:{quantity}", idem, self.settings.user_rate_per_s],
+        )
+        if result[0] == "ok":
+            return to_reservation(sale_id, [*result[1:], None, None]), True
+        if result[0] == "replay":
+            return await self.get(result[1], user_id), False
+        raise reject(result[1], int(result[2]))
+
+    async def get(self, rid: str, user_id: str) -> Reservation:
+        sale_id = sale_of(rid)
+        values = await self.redis.hmget(self.keys.reservation(sale_id, rid), FIELDS)
+        if values[0] is None or values[2] != user_id:
+            raise ApiError("not_found", "no such reservation")
+        return to_reservation(sale_id, values, now_ms())
+
+    async def settle(
+        self, rid: str, user_id: str, action: Literal["confirm", "cancel"], payment_ref: str = ""
+    ) -> Reservation:
+        sale_id = sale_of(rid)
+        k = self.keys
+        sku = await self.redis.hget(k.reservation(sale_id, rid), "sku")
+        if sku is None:
+            raise ApiError("not_found", "no such reservation")
+        result = await self.scripts.settle(
+            keys=[k.item(sale_id, sku), k.users(sale_id, sku), k.holds(sale_id, sku), k.events(sale_id),
+                  k.reservation(sale_id, rid)],
+            args=[action, user_id, payment_ref, rid],
+        )
+        if result[1] == "not_found":
+            raise ApiError("not_found", "no such reservation")
+        if result[0] == "err":
+            raise ApiError(result[1])
+        return to_reservation(sale_id, result[2:])

@@ -1,0 +1,87 @@
+"""One typed settings object, read from the environment once and passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it and what it should be."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in env.get(name, "").split(",") if k.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    redis_url: str = ""
+    database_url: str = ""
+    ops_keys: tuple[str, ...] = ()
+    storefront_keys: tuple[str, ...] = ()
+    # Every Redis key starts with this; tests give each run its own.
+    key_prefix: str = "fs"
+    # Attempts one user may make on one sale per second; 0 turns the limit off.
+    user_rate_per_s: int = 20
+    # Requests one API process works on at once before it answers 503.
+    max_in_flight: int = 2000
+    redis_pool_size: int = 64
+    db_pool_size: int = 8
+    sweep_interval_ms: int = 250
+    sweep_batch: int = 200
+    persist_batch: int = 500
+    persist_block_ms: int = 200
+    # A pending stream entry idle this long is taken over by another consumer.
+    claim_idle_ms: int = 5000
+    # Deliveries after which an entry that keeps failing is dead-lettered.
+    max_deliveries: int = 5
+    log_level: str = "INFO"
+    lua_dir: Path = ROOT / "lua"
+    migrations_dir: Path = ROOT / "migrations"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            redis_url=env.get("REDIS_URL", ""),
+            database_url=env.get("DATABASE_URL", ""),
+            ops_keys=_keys(env, "FLASHSALE_OPS_KEYS"),
+            storefront_keys=_keys(env, "FLASHSALE_STOREFRONT_KEYS"),
+            key_prefix=env.get("FLASHSALE_KEY_PREFIX", d.key_prefix) or d.key_prefix,
+            user_rate_per_s=_int(env, "FLASHSALE_USER_RATE", d.user_rate_per_s),
+            max_in_flight=_int(env, "FLASHSALE_MAX_IN_FLIGHT", d.max_in_flight, 1),
+            redis_pool_size=_int(env, "FLASHSALE_REDIS_POOL", d.redis_pool_size, 1),
+            db_pool_size=_int(env, "FLASHSALE_DB_POOL", d.db_pool_size, 1),
+            sweep_interval_ms=_int(env, "FLASHSALE_SWEEP_MS", d.sweep_interval_ms, 10),
+            persist_batch=_int(env, "FLASHSALE_PERSIST_BATCH", d.persist_batch, 1),
+            claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", d.claim_idle_ms, 100),
+            max_deliveries=_int(env, "FLASHSALE_MAX_DELIVERIES", d.max_deliveries, 1),
+            log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+        )
+
+    def require_servers(self) -> None:
+        missing = [n for n, v in (("REDIS_URL", self.redis_url), ("DATABASE_URL", self.database_url)) if not v]
+        if missing:
+            raise SettingsError(
+                f"{' and '.join(missing)} not set: export it (e.g. REDIS_URL=redis://127.0.0.1:6379/0), "
+                "or run `flashsale dev` to start throwaway servers"
+            )
