@@ -18,10 +18,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import db, openapi, sweeper
+from . import admin, db, monitor, openapi, sweeper
 from .auth import KeyRing, Role
 from .errors import ApiError
 from .keys import Keys
@@ -162,7 +162,7 @@ async def openapi_json(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
-ROUTES = [
+ROUTES: list[BaseRoute] = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
@@ -172,6 +172,8 @@ ROUTES = [
     Route("/v1/reservations/{rid}", get_reservation, methods=["GET"]),
     Route("/v1/reservations/{rid}/confirm", confirm, methods=["POST"]),
     Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),
+    *admin.ROUTES,
+    *monitor.ROUTES,
 ]
 
 

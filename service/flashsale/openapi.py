@@ -52,6 +52,16 @@ IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}}
 
 
+def _admin_paths() -> dict[str, Any]:
+    """Paths of admin.ROUTES."""
+    return {}
+
+
+def _monitor_paths() -> dict[str, Any]:
+    """Paths of monitor.ROUTES."""
+    return {}
+
+
 def document() -> bytes:
     types = [SaleIn, SaleOut, ReserveIn, ConfirmIn, CancelIn, Reservation, Error, Health]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
@@ -71,6 +81,8 @@ def document() -> bytes:
                                                        ok={200: Reservation}, body=ConfirmIn, params=[RID])},
         "/v1/reservations/{rid}/cancel": {"post": _op("Release the units back to stock",
                                                       ok={200: Reservation}, body=CancelIn, params=[RID])},
+        **_admin_paths(),
+        **_monitor_paths(),
     }
     doc = {
         "openapi": "3.1.0",
