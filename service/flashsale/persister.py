@@ -17,9 +17,11 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -103,7 +105,7 @@ def check(fields: dict[str, str]) -> None:
             raise ValueError(f"missing {name}")
 
 
-async def write(conn: asyncpg.Connection, sale_id: str, entries: Sequence[Entry]) -> None:
+async def write(conn: asyncpg.Connection | PoolConnectionProxy, sale_id: str, entries: Sequence[Entry]) -> None:
     rows, sale = merge(entries)
     async with conn.transaction():
         if sale is not None:
@@ -141,7 +143,7 @@ class Persister:
     async def streams(self) -> dict[str, str]:
         """stream key -> sale id for every sale, refreshed once a second."""
         if time.monotonic() - self._streams_at > 1.0:
-            sale_ids = await self.redis.zrange(self.keys.sales, 0, -1)
+            sale_ids = cast(list[str], await self.redis.zrange(self.keys.sales, 0, -1))
             pipe = self.redis.pipeline(transaction=False)
             for s in sale_ids:
                 pipe.exists(self.keys.events(s))
@@ -175,10 +177,10 @@ class Persister:
             self._claimed_at = now
             for stream in streams:
                 await self.claim(stream, streams[stream], stop)
-        replies = await self.redis.xreadgroup(
-            GROUP, self.name, dict.fromkeys(streams, ">"),
-            count=self.settings.persist_batch, block=self.settings.persist_block_ms,
-        )
+        wanted: dict[Any, Any] = dict.fromkeys(streams, ">")
+        replies = cast(list[tuple[str, list[Entry]]] | None, await self.redis.xreadgroup(
+            GROUP, self.name, wanted, count=self.settings.persist_batch, block=self.settings.persist_block_ms,
+        ))
         for stream, entries in replies or []:
             await self.handle(stream, streams[stream], entries, stop)
         if now - self._trimmed_at > 5.0:
@@ -190,16 +192,16 @@ class Persister:
         """Takes over entries another (likely dead) consumer left pending too long."""
         start = "0-0"
         while not stop.is_set():
-            start, entries, deleted = await self.redis.xautoclaim(
+            start, entries, deleted = cast(tuple[str, list[Entry], list[str]], await self.redis.xautoclaim(
                 stream, GROUP, self.name, self.settings.claim_idle_ms, start, count=self.settings.persist_batch
-            )
+            ))
             if deleted:
                 await self.redis.xack(stream, GROUP, *deleted)
             if entries:
                 pending = await self.redis.xpending_range(
                     stream, GROUP, entries[0][0], entries[-1][0], len(entries), consumername=self.name
                 )
-                tries = {p["message_id"]: p["times_delivered"] for p in pending}
+                tries: dict[str, int] = {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
                 worn = [e for e in entries if tries.get(e[0], 0) > self.settings.max_deliveries]
                 for entry_id, fields in worn:
                     await self.dead_letter(stream, sale_id, entry_id, fields, "failed too many times")
@@ -242,7 +244,7 @@ class Persister:
             except POISON as exc:
                 log.error("entries refused by postgres", extra={"sale_id": sale_id, "error": repr(exc)})
                 return False
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if stop.is_set():
                     return False
                 log.warning("postgres unavailable, batch waits %.1fs: %r", backoff, exc)
@@ -250,7 +252,8 @@ class Persister:
                 backoff = min(backoff * 2, 2.0)
 
     async def dead_letter(self, stream: str, sale_id: str, entry_id: str, fields: dict[str, str], why: str) -> None:
-        await self.redis.xadd(self.keys.dead(sale_id), {**fields, "entry_id": entry_id, "reason": why})
+        dead: dict[Any, Any] = {**fields, "entry_id": entry_id, "reason": why}
+        await self.redis.xadd(self.keys.dead(sale_id), dead)
         await self.redis.xack(stream, GROUP, entry_id)
         self.dead_lettered += 1
         log.error("dead-lettered entry", extra={"sale_id": sale_id, "entry_id": entry_id, "reason": why})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -31,12 +32,13 @@ async def backlog(redis: Redis, keys: Keys, sale_id: str) -> Backlog:
     group = next(g for g in groups if g["name"] == GROUP)
     lag = group.get("lag")
     if lag is None:  # Redis could not tell: count what lies after the last delivered entry
-        lag = len(await redis.xrange(stream, f"({group['last-delivered-id']}", "+"))
+        lag = len(cast(list[object], await redis.xrange(stream, f"({group['last-delivered-id']}", "+")))
     oldest: list[int] = []
     if pending and pending.get("pending"):
         oldest.append(_id_ms(pending["min"]))
     if lag:
-        first = await redis.xrange(stream, f"({group['last-delivered-id']}", "+", count=1)
+        after = f"({group['last-delivered-id']}"
+        first = cast(list[tuple[str, object]], await redis.xrange(stream, after, "+", count=1))
         if first:
             oldest.append(_id_ms(first[0][0]))
     age = max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0

@@ -6,7 +6,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from redis.asyncio import Redis
 
@@ -86,7 +86,7 @@ class Reservations:
 
     async def get(self, rid: str, user_id: str) -> Reservation:
         sale_id = sale_of(rid)
-        values = await self.redis.hmget(self.keys.reservation(sale_id, rid), FIELDS)
+        values = cast(list[str | None], await self.redis.hmget(self.keys.reservation(sale_id, rid), FIELDS))
         if values[0] is None or values[2] != user_id:
             raise ApiError("not_found", "no such reservation")
         return to_reservation(sale_id, values, now_ms())
@@ -96,7 +96,7 @@ class Reservations:
     ) -> Reservation:
         sale_id = sale_of(rid)
         k = self.keys
-        sku = await self.redis.hget(k.reservation(sale_id, rid), "sku")
+        sku = cast(str | None, await self.redis.hget(k.reservation(sale_id, rid), "sku"))
         if sku is None:
             raise ApiError("not_found", "no such reservation")
         result = await self.scripts.settle(

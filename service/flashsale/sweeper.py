@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -24,7 +25,7 @@ log = logging.getLogger("flashsale.sweeper")
 
 async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> int:
     """Expires every due hold of every sale; returns how many it expired."""
-    sale_ids = await redis.zrange(keys.sales, 0, -1)
+    sale_ids = cast(list[str], await redis.zrange(keys.sales, 0, -1))
     if not sale_ids:
         return 0
     pipe = redis.pipeline(transaction=False)
@@ -39,12 +40,17 @@ async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> 
     expired = 0
     for (sale_id, sku), rids in zip(pairs, await pipe.execute(), strict=True):
         if rids:
-            expired += await scripts.settle(
-                keys=[keys.item(sale_id, sku), keys.users(sale_id, sku), keys.holds(sale_id, sku),
-                      keys.events(sale_id), *(keys.reservation(sale_id, r) for r in rids)],
-                args=["expire", "", "", *rids],
-            )
+            expired += await _expire(scripts, keys, sale_id, sku, rids)
     return expired
+
+
+async def _expire(scripts: Scripts, keys: Keys, sale_id: str, sku: str, rids: list[str]) -> int:
+    n: int = await scripts.settle(
+        keys=[keys.item(sale_id, sku), keys.users(sale_id, sku), keys.holds(sale_id, sku),
+              keys.events(sale_id), *(keys.reservation(sale_id, r) for r in rids)],
+        args=["expire", "", "", *rids],
+    )
+    return n
 
 
 async def run(redis: Redis, keys: Keys, scripts: Scripts, settings: Settings, stop: asyncio.Event) -> None:

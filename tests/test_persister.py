@@ -1,0 +1,157 @@
+"""The persister: every acknowledged reservation reaches Postgres with its final status, once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from flashsale import db
+from flashsale.keys import GROUP, Keys
+from flashsale.persister import Persister, write
+from flashsale.reconcile import reconcile
+from flashsale.settings import Settings
+
+from .conftest import create_sale, drained
+from .test_reservations import reserve
+
+
+async def rows(pg: asyncpg.Connection, sale_id: str) -> dict[str, str]:
+    found = await pg.fetch("SELECT id, status FROM reservations WHERE sale_id = $1", sale_id)
+    return {r["id"]: r["status"] for r in found}
+
+
+async def events(redis: Redis, keys: Keys, sale_id: str) -> list[tuple[str, dict[str, str]]]:
+    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.events(sale_id))
+    return entries
+
+
+async def test_every_reservation_reaches_postgres_with_its_final_status(
+    client: httpx.AsyncClient, worker: Persister, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client, hold_seconds=1, items=[
+        {"sku": "phone", "name": "P", "price_cents": 1, "stock": 10, "per_user_limit": 1}])
+    rids = [(await reserve(client, sale["id"], user=f"u{n}")).json()["reservation_id"] for n in range(4)]
+    await client.post(f"/v1/reservations/{rids[0]}/confirm", json={"user_id": "u0", "payment_ref": "p0"})
+    await client.post(f"/v1/reservations/{rids[1]}/cancel", json={"user_id": "u1"})
+    await asyncio.sleep(1.5)  # the other two expire
+    await drained(redis, keys, sale["id"])
+    assert await rows(pg, sale["id"]) == {rids[0]: "confirmed", rids[1]: "released", rids[2]: "expired",
+                                         rids[3]: "expired"}
+    saved = await pg.fetchrow("SELECT * FROM reservations WHERE id = $1", rids[0])
+    assert saved["payment_ref"] == "p0" and saved["confirmed_at"] is not None and saved["user_id"] == "u0"
+    assert await pg.fetchval("SELECT state FROM sales WHERE id = $1", sale["id"]) == "active"
+    assert await pg.fetchval("SELECT stock_total FROM items WHERE sale_id = $1", sale["id"]) == 10
+
+
+async def test_replaying_a_batch_changes_nothing(
+    client: httpx.AsyncClient, worker: Persister, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    rid = (await reserve(client, sale["id"])).json()["reservation_id"]
+    await client.post(f"/v1/reservations/{rid}/confirm", json={"user_id": "u1", "payment_ref": "p"})
+    await drained(redis, keys, sale["id"])
+    before = await pg.fetch("SELECT * FROM reservations ORDER BY id")
+    await write(pg, sale["id"], await events(redis, keys, sale["id"]))
+    assert await pg.fetch("SELECT * FROM reservations ORDER BY id") == before
+
+
+async def test_events_out_of_order_still_end_in_the_final_status(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    rid = (await reserve(client, sale["id"])).json()["reservation_id"]
+    await client.post(f"/v1/reservations/{rid}/cancel", json={"user_id": "u1"})
+    created, reserved, cancelled = await events(redis, keys, sale["id"])
+    await write(pg, sale["id"], [cancelled])
+    await write(pg, sale["id"], [reserved])
+    await write(pg, sale["id"], [created])
+    assert await rows(pg, sale["id"]) == {rid: "released"}
+
+
+async def test_a_final_status_never_goes_back_to_held(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    rid = (await reserve(client, sale["id"])).json()["reservation_id"]
+    await client.post(f"/v1/reservations/{rid}/confirm", json={"user_id": "u1", "payment_ref": "p"})
+    _, reserved, confirmed = await events(redis, keys, sale["id"])
+    await write(pg, sale["id"], [reserved, confirmed])  # both in one batch
+    await write(pg, sale["id"], [reserved])
+    assert await rows(pg, sale["id"]) == {rid: "confirmed"}
+
+
+async def test_a_malformed_entry_is_dead_lettered_and_the_rest_persisted(
+    client: httpx.AsyncClient, worker: Persister, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    await redis.xadd(keys.events(sale["id"]), {"type": "reserve", "rid": "x"})
+    rid = (await reserve(client, sale["id"])).json()["reservation_id"]
+    await drained(redis, keys, sale["id"])
+    assert await rows(pg, sale["id"]) == {rid: "held"}
+    dead = await redis.xrange(keys.dead(sale["id"]))
+    assert len(dead) == 1 and dead[0][1]["reason"].startswith("malformed")
+
+
+async def test_an_entry_postgres_keeps_refusing_is_dead_lettered_after_max_deliveries(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    good = (await reserve(client, sale["id"])).json()["reservation_id"]
+    _, reserved = await events(redis, keys, sale["id"])
+    # Postgres text cannot hold NUL: this entry fails on every delivery.
+    await redis.xadd(keys.events(sale["id"]), {**reserved[1], "rid": f"{sale['id']}.bad", "user": "a\x00b"})
+    fast = dataclasses.replace(settings, max_deliveries=2, claim_idle_ms=200)
+    pool = await db.create_pool(settings.database_url, 2)
+    persister = Persister(redis, pool, keys, fast)
+    stop = asyncio.Event()
+    task = asyncio.create_task(persister.run(stop))
+    try:
+        await drained(redis, keys, sale["id"])
+    finally:
+        stop.set()
+        await task
+        await pool.close()
+    assert await rows(pg, sale["id"]) == {good: "held"}
+    dead = await redis.xrange(keys.dead(sale["id"]))
+    assert [d[1]["reason"] for d in dead] == ["failed too many times"]
+    assert persister.dead_lettered == 1
+
+
+async def test_entries_left_pending_by_a_dead_consumer_are_claimed(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    rids = [(await reserve(client, sale["id"], user=f"u{n}")).json()["reservation_id"] for n in range(2)]
+    # A consumer reads everything and dies before its XACK.
+    await redis.xreadgroup(GROUP, "ghost", {keys.events(sale["id"]): ">"}, count=100)
+    assert (await redis.xpending(keys.events(sale["id"]), GROUP))["pending"] == 3
+    pool = await db.create_pool(settings.database_url, 2)
+    persister = Persister(redis, pool, keys, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(persister.run(stop))
+    try:
+        await drained(redis, keys, sale["id"])
+    finally:
+        stop.set()
+        await task
+        await pool.close()
+    assert await rows(pg, sale["id"]) == dict.fromkeys(rids, "held")
+
+
+async def test_reconcile_is_clean_once_drained_and_names_each_difference(
+    client: httpx.AsyncClient, worker: Persister, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(client)
+    rid = (await reserve(client, sale["id"], qty=2)).json()["reservation_id"]
+    await reserve(client, sale["id"], user="u2")
+    await client.post(f"/v1/reservations/{rid}/confirm", json={"user_id": "u1", "payment_ref": "p"})
+    await drained(redis, keys, sale["id"])
+    assert (await reconcile(redis, pg, keys, sale["id"])).differences == []
+    await pg.execute("UPDATE reservations SET status = 'held', confirmed_at = NULL WHERE id = $1", rid)
+    report = await reconcile(redis, pg, keys, sale["id"])
+    assert report.differences == ["phone held: redis 1, postgres 3", "phone confirmed: redis 2, postgres 0"]
+    assert "DIFFERENCE" in report.table()
