@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -76,10 +79,20 @@ def _reconcile(settings: Settings, sale_id: str, wait: float) -> int:
     return asyncio.run(go())
 
 
+def _metrics_dir() -> None:
+    """Processes add up their Prometheus counters through files in PROMETHEUS_MULTIPROC_DIR
+    (see metrics.py): when it is unset, a fresh one for this run, removed at exit."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="flashsale-metrics-")
+        atexit.register(shutil.rmtree, path, True)
+
+
 def _serve(host: str, port: int, workers: int, settings: Settings) -> int:
     import uvicorn
 
     settings.require_servers()
+    if workers > 1:
+        _metrics_dir()
     uvicorn.run("flashsale.api:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=settings.log_level.lower(), access_log=False, log_config=None)
     return 0
@@ -106,6 +119,7 @@ def _dev(host: str, port: int, settings: Settings) -> int:
             settings = dataclasses.replace(settings, database_url=started[-1].url)
         ops_key = settings.ops_keys[0] if settings.ops_keys else "ops-" + secrets.token_urlsafe(18)
         store_key = settings.storefront_keys[0] if settings.storefront_keys else "sf-" + secrets.token_urlsafe(18)
+        _metrics_dir()  # the API's /metrics then shows the worker's batches too
         env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
                "FLASHSALE_OPS_KEYS": ",".join(settings.ops_keys or (ops_key,)),
                "FLASHSALE_STOREFRONT_KEYS": ",".join(settings.storefront_keys or (store_key,))}
@@ -118,10 +132,12 @@ def _dev(host: str, port: int, settings: Settings) -> int:
         _demo_sale(base, ops_key)
         envfile = os.path.abspath(".flashsale-dev.env")
         with open(envfile, "w") as f:
-            f.write(f"export FLASHSALE_URL={base}\nexport OPS_KEY={ops_key}\nexport STORE_KEY={store_key}\n")
+            f.write(f"export FLASHSALE_URL={base}\nexport OPS_KEY={ops_key}\nexport STORE_KEY={store_key}\n"
+                    f"export REDIS_URL='{settings.redis_url}'\nexport DATABASE_URL='{settings.database_url}'\n")
         print(f"""
 flashsale is running: {base}
   API docs (OpenAPI): {base}/openapi.json
+  dashboard:          {base}/dashboard  (sign in with the ops key)
   ops key:            {ops_key}
   storefront key:     {store_key}
   (also in {envfile}: `source .flashsale-dev.env` in another shell)
