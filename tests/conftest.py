@@ -100,9 +100,16 @@ async def database_url(servers: Servers) -> AsyncIterator[str]:
 def settings(servers: Servers, database_url: str) -> Settings:
     """A key space of this test's own (its own prefix) and fast timers."""
     return Settings(
-        redis_url=servers.redis_url, database_url=database_url, ops_keys=(OPS_KEY,), storefront_keys=(STORE_KEY,),
-        key_prefix=f"fst{RUN}{secrets.token_hex(3)}", user_rate_per_s=0, sweep_interval_ms=50,
-        claim_idle_ms=500, persist_block_ms=50, log_level="WARNING",
+        redis_url=servers.redis_url,
+        database_url=database_url,
+        ops_keys=(OPS_KEY,),
+        storefront_keys=(STORE_KEY,),
+        key_prefix=f"fst{RUN}{secrets.token_hex(3)}",
+        user_rate_per_s=0,
+        sweep_interval_ms=50,
+        claim_idle_ms=500,
+        persist_block_ms=50,
+        log_level="WARNING",
     )
 
 
@@ -131,10 +138,17 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 async def serving(settings: Settings) -> AsyncIterator[str]:
     """The real app under uvicorn on a free loopback port, in this event loop."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", backlog=4096, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        backlog=4096,
+        timeout_keep_alive=30,
+    )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # Ctrl-C is pytest's
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

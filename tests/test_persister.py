@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -24,24 +26,36 @@ async def rows(pg: asyncpg.Connection, sale_id: str) -> dict[str, str]:
     return {r["id"]: r["status"] for r in found}
 
 
+async def entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    """A stream's entries, typed as this suite's decode_responses client returns them."""
+    return cast(list[tuple[str, dict[str, str]]], await redis.xrange(key))
+
+
 async def events(redis: Redis, keys: Keys, sale_id: str) -> list[tuple[str, dict[str, str]]]:
-    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(keys.events(sale_id))
-    return entries
+    return await entries(redis, keys.events(sale_id))
 
 
 async def test_every_reservation_reaches_postgres_with_its_final_status(
     client: httpx.AsyncClient, worker: Persister, redis: Redis, keys: Keys, pg: asyncpg.Connection
 ) -> None:
-    sale = await create_sale(client, hold_seconds=1, items=[
-        {"sku": "phone", "name": "P", "price_cents": 1, "stock": 10, "per_user_limit": 1}])
+    sale = await create_sale(
+        client,
+        hold_seconds=1,
+        items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 10, "per_user_limit": 1}],
+    )
     rids = [(await reserve(client, sale["id"], user=f"u{n}")).json()["reservation_id"] for n in range(4)]
     await client.post(f"/v1/reservations/{rids[0]}/confirm", json={"user_id": "u0", "payment_ref": "p0"})
     await client.post(f"/v1/reservations/{rids[1]}/cancel", json={"user_id": "u1"})
     await asyncio.sleep(1.5)  # the other two expire
     await drained(redis, keys, sale["id"])
-    assert await rows(pg, sale["id"]) == {rids[0]: "confirmed", rids[1]: "released", rids[2]: "expired",
-                                         rids[3]: "expired"}
+    assert await rows(pg, sale["id"]) == {
+        rids[0]: "confirmed",
+        rids[1]: "released",
+        rids[2]: "expired",
+        rids[3]: "expired",
+    }
     saved = await pg.fetchrow("SELECT * FROM reservations WHERE id = $1", rids[0])
+    assert saved is not None
     assert saved["payment_ref"] == "p0" and saved["confirmed_at"] is not None and saved["user_id"] == "u0"
     assert await pg.fetchval("SELECT state FROM sales WHERE id = $1", sale["id"]) == "active"
     assert await pg.fetchval("SELECT stock_total FROM items WHERE sale_id = $1", sale["id"]) == 10
@@ -92,7 +106,7 @@ async def test_a_malformed_entry_is_dead_lettered_and_the_rest_persisted(
     rid = (await reserve(client, sale["id"])).json()["reservation_id"]
     await drained(redis, keys, sale["id"])
     assert await rows(pg, sale["id"]) == {rid: "held"}
-    dead = await redis.xrange(keys.dead(sale["id"]))
+    dead = await entries(redis, keys.dead(sale["id"]))
     assert len(dead) == 1 and dead[0][1]["reason"].startswith("malformed")
 
 
@@ -103,7 +117,9 @@ async def test_an_entry_postgres_keeps_refusing_is_dead_lettered_after_max_deliv
     good = (await reserve(client, sale["id"])).json()["reservation_id"]
     _, reserved = await events(redis, keys, sale["id"])
     # Postgres text cannot hold NUL: this entry fails on every delivery.
-    await redis.xadd(keys.events(sale["id"]), {**reserved[1], "rid": f"{sale['id']}.bad", "user": "a\x00b"})
+    await redis.xadd(
+        keys.events(sale["id"]), {**cast(dict[Any, Any], reserved[1]), "rid": f"{sale['id']}.bad", "user": "a\x00b"}
+    )
     fast = dataclasses.replace(settings, max_deliveries=2, claim_idle_ms=200)
     pool = await db.create_pool(settings.database_url, 2)
     persister = Persister(redis, pool, keys, fast)
@@ -116,7 +132,7 @@ async def test_an_entry_postgres_keeps_refusing_is_dead_lettered_after_max_deliv
         await task
         await pool.close()
     assert await rows(pg, sale["id"]) == {good: "held"}
-    dead = await redis.xrange(keys.dead(sale["id"]))
+    dead = await entries(redis, keys.dead(sale["id"]))
     assert [d[1]["reason"] for d in dead] == ["failed too many times"]
     assert persister.dead_lettered == 1
 
@@ -155,3 +171,24 @@ async def test_reconcile_is_clean_once_drained_and_names_each_difference(
     report = await reconcile(redis, pg, keys, sale["id"])
     assert report.differences == ["phone held: redis 1, postgres 3", "phone confirmed: redis 2, postgres 0"]
     assert "DIFFERENCE" in report.table()
+
+
+async def test_an_item_dropped_from_the_sale_document_leaves_postgres_too(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    sale = await create_sale(
+        client,
+        items=[
+            {"sku": "a", "name": "A", "price_cents": 1, "stock": 1},
+            {"sku": "b", "name": "B", "price_cents": 1, "stock": 1},
+        ],
+    )
+    ((entry_id, created),) = await events(redis, keys, sale["id"])
+    await write(pg, sale["id"], [(entry_id, created)])
+    doc = json.loads(created["doc"])
+    doc["items"] = doc["items"][:1]
+    later = {**created, "doc": json.dumps(doc), "at_ms": str(int(created["at_ms"]) + 1)}
+    await write(pg, sale["id"], [("2-0", later)])
+    assert [r["sku"] for r in await pg.fetch("SELECT sku FROM items WHERE sale_id = $1", sale["id"])] == ["a"]
+    await write(pg, sale["id"], [(entry_id, created)])  # the older event, replayed, changes nothing
+    assert await pg.fetchval("SELECT count(*) FROM items WHERE sale_id = $1", sale["id"]) == 1

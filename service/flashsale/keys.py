@@ -36,7 +36,9 @@ class Keys:
     def _sale(self, sale_id: str) -> str:
         return f"{self.prefix}:{{{sale_id}}}"
 
-    # HASH: state, window, hold length, the sale document (JSON), skus. Lives with the sale.
+    # HASH: state, window, hold length, the sale document (JSON), skus, created_ms, changed_ms
+    # (time of the last change, the at_ms of its event), rev (bumped by every change to the
+    # document or window; updates compare it). Lives with the sale.
     def sale(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:sale"
 

@@ -8,7 +8,20 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .schemas import CancelIn, ConfirmIn, Error, Health, Reservation, ReserveIn, SaleIn, SaleOut
+from .schemas import (
+    CancelIn,
+    ConfirmIn,
+    Error,
+    Health,
+    ItemOut,
+    Reservation,
+    ReserveIn,
+    RestockIn,
+    SaleIn,
+    SaleOut,
+    SalePage,
+    SalePatch,
+)
 
 REF = "#/components/schemas/{name}"
 
@@ -21,8 +34,14 @@ def _content(t: type) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": _ref(t)}}}
 
 
-def _op(summary: str, *, ok: dict[int, type], role: str | None = "storefront", body: type | None = None,
-        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _op(
+    summary: str,
+    *,
+    ok: dict[int, type],
+    role: str | None = "storefront",
+    body: type | None = None,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {str(code): {"description": t.__name__, **_content(t)} for code, t in ok.items()},
@@ -44,52 +63,219 @@ def _path(name: str, pattern: str) -> dict[str, Any]:
 
 SALE_ID = _path("sale_id", "^[A-Za-z0-9_-]{1,64}$")
 RID = _path("rid", "^[A-Za-z0-9_-]{1,64}\\.[A-Za-z0-9_-]{22}$")
-USER_QUERY = {"name": "user_id", "in": "query", "required": True,
-              "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"}}
-IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
-               "description": "Retries with the same key and body return the same reservation. "
-                              "Scoped to (sale, user_id, key); kept as long as the sale's data.",
-               "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}}
+USER_QUERY = {
+    "name": "user_id",
+    "in": "query",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
+}
+IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Retries with the same key and body return the same reservation. "
+    "Scoped to (sale, user_id, key); kept as long as the sale's data.",
+    "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"},
+}
 
 
 def _admin_paths() -> dict[str, Any]:
     """Paths of admin.ROUTES."""
-    return {}
+    sku = _path("sku", "^[A-Za-z0-9_-]{1,64}$")
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "sales per page",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+    }
+    cursor = {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "the next_cursor of the page before; leave out for the first page",
+        "schema": {"type": "string"},
+    }
+
+    def control(summary: str) -> dict[str, Any]:
+        return {"post": _op(summary, ok={200: SaleOut}, role="ops", params=[SALE_ID])}
+
+    return {
+        "/v1/sales": {
+            "get": _op(
+                "Every sale, newest first, a page at a time", ok={200: SalePage}, role="ops", params=[limit, cursor]
+            )
+        },
+        "/v1/sales/{sale_id}": {
+            "patch": _op(
+                "Change the window, name, hold length or items of a sale that has not started "
+                "(409 invalid_state once it has); fields left out keep their value, items replaces the list",
+                ok={200: SaleOut},
+                role="ops",
+                body=SalePatch,
+                params=[SALE_ID],
+            )
+        },
+        "/v1/sales/{sale_id}/pause": control("Pause: no new holds until resumed (409 invalid_state once ended)"),
+        "/v1/sales/{sale_id}/resume": control("Resume a paused sale (409 invalid_state once ended)"),
+        "/v1/sales/{sale_id}/end": control("End the sale for good; ending an ended sale changes nothing"),
+        "/v1/sales/{sale_id}/items/{sku}/restock": {
+            "post": _op(
+                "Add units to an item's stock_total and available at once (409 invalid_state once ended)",
+                ok={200: ItemOut},
+                role="ops",
+                body=RestockIn,
+                params=[SALE_ID, sku],
+            )
+        },
+    }
 
 
 def _monitor_paths() -> dict[str, Any]:
-    """Paths of monitor.ROUTES."""
-    return {}
+    """Paths of monitor.ROUTES. The progress schema is written out in full where it is used."""
+    from .schemas import SaleProgress
+
+    (top,), parts = msgspec.json.schema_components([SaleProgress], ref_template="{name}")
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            return inline(parts[node["$ref"]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    progress = inline(top)
+    (failure,), failure_parts = msgspec.json.schema_components([Error], ref_template="{name}")
+    parts.update(failure_parts)
+    event = {  # one server-sent event, as OpenAPI before 3.2 reads a text/event-stream schema
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"enum": ["progress", "error"]},
+            "id": {"type": "string", "description": "counts up by one a tick"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [progress, inline(failure)]},
+            },
+        },
+    }
+    ops = "Needs an ops key."
+    error = {"description": "an error; see the contract's table of codes", **_content(Error)}
+    stream = (
+        "Server-sent events, at least one a second: `event: progress` with the same JSON document "
+        "as GET .../progress in `data`, or `event: error` with an error body while it cannot be read "
+        "(the stream goes on). Streams of one sale share one computation a second. " + ops
+    )
+    return {
+        "/v1/sales/{sale_id}/progress": {
+            "get": {
+                "summary": "A sale's live numbers: per item stock, holds, attempts, rejections; persistence lag; rates",
+                "description": "Rates are per second over the last 1, 10 and 60 s, measured from snapshots this "
+                "process keeps once a second while the sale is watched; `window_s` is the span "
+                "actually measured. " + ops,
+                "security": [{"bearer": []}],
+                "parameters": [SALE_ID],
+                "responses": {
+                    "200": {"description": "SaleProgress", "content": {"application/json": {"schema": progress}}},
+                    "default": error,
+                },
+            }
+        },
+        "/v1/sales/{sale_id}/progress/stream": {
+            "get": {
+                "summary": "The progress document as a text/event-stream",
+                "description": stream,
+                "security": [{"bearer": []}],
+                "parameters": [SALE_ID],
+                "responses": {
+                    "200": {
+                        "description": "an endless event stream; the schema is that of each event",
+                        "content": {"text/event-stream": {"schema": event}},
+                    },
+                    "default": error,
+                },
+            }
+        },
+        "/dashboard": {
+            "get": {
+                "summary": "The live dashboard: one HTML page; it asks for the ops key itself",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics, text format 0.0.4",
+                "description": "Request counts and latency by route template and status, reserve outcomes, "
+                "persister batches and lag, and per sale and item the numbers kept in Redis. " + ops,
+                "security": [{"bearer": []}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "default": error,
+                },
+            }
+        },
+    }
 
 
 def document() -> bytes:
-    types = [SaleIn, SaleOut, ReserveIn, ConfirmIn, CancelIn, Reservation, Error, Health]
+    types = [
+        SaleIn,
+        SaleOut,
+        ReserveIn,
+        ConfirmIn,
+        CancelIn,
+        Reservation,
+        Error,
+        Health,
+        SalePatch,
+        RestockIn,
+        SalePage,
+        ItemOut,
+    ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     paths: dict[str, Any] = {
         "/healthz": {"get": _op("The process is up", ok={200: Health}, role=None)},
         "/readyz": {"get": _op("Redis and Postgres are reachable", ok={200: Health, 503: Health}, role=None)},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
-        "/v1/sales": {"post": _op("Create a sale; its stock is in Redis before the 201", ok={201: SaleOut},
-                                  role="ops", body=SaleIn)},
+        "/v1/sales": {
+            "post": _op(
+                "Create a sale; its stock is in Redis before the 201", ok={201: SaleOut}, role="ops", body=SaleIn
+            )
+        },
         "/v1/sales/{sale_id}": {"get": _op("A sale with its live numbers", ok={200: SaleOut}, params=[SALE_ID])},
-        "/v1/sales/{sale_id}/reservations": {"post": _op(
-            "Reserve units: 201 a new hold, 200 the same hold again for a retried Idempotency-Key",
-            ok={201: Reservation, 200: Reservation}, body=ReserveIn, params=[SALE_ID, IDEMPOTENCY])},
-        "/v1/reservations/{rid}": {"get": _op("A reservation of this user", ok={200: Reservation},
-                                              params=[RID, USER_QUERY])},
-        "/v1/reservations/{rid}/confirm": {"post": _op("Confirm on payment (410 once the hold ran out)",
-                                                       ok={200: Reservation}, body=ConfirmIn, params=[RID])},
-        "/v1/reservations/{rid}/cancel": {"post": _op("Release the units back to stock",
-                                                      ok={200: Reservation}, body=CancelIn, params=[RID])},
-        **_admin_paths(),
-        **_monitor_paths(),
+        "/v1/sales/{sale_id}/reservations": {
+            "post": _op(
+                "Reserve units: 201 a new hold, 200 the same hold again for a retried Idempotency-Key",
+                ok={201: Reservation, 200: Reservation},
+                body=ReserveIn,
+                params=[SALE_ID, IDEMPOTENCY],
+            )
+        },
+        "/v1/reservations/{rid}": {
+            "get": _op("A reservation of this user", ok={200: Reservation}, params=[RID, USER_QUERY])
+        },
+        "/v1/reservations/{rid}/confirm": {
+            "post": _op(
+                "Confirm on payment (410 once the hold ran out)", ok={200: Reservation}, body=ConfirmIn, params=[RID]
+            )
+        },
+        "/v1/reservations/{rid}/cancel": {
+            "post": _op("Release the units back to stock", ok={200: Reservation}, body=CancelIn, params=[RID])
+        },
     }
+    for extra in (_admin_paths(), _monitor_paths()):  # merged per path: GET /v1/sales joins its POST
+        for path, operations in extra.items():
+            paths.setdefault(path, {}).update(operations)
     doc = {
         "openapi": "3.1.0",
-        "info": {"title": "flashsale", "version": __version__,
-                 "description": "Flash-sale checkout and reservations. See CONTRACT.md for the invariants."},
+        "info": {
+            "title": "flashsale",
+            "version": __version__,
+            "description": "Flash-sale checkout and reservations. See CONTRACT.md for the invariants.",
+        },
         "paths": paths,
-        "components": {"schemas": components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
     return msgspec.json.encode(doc)

@@ -25,6 +25,7 @@ from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import metrics
 from .keys import GROUP, Keys
 from .schemas import SaleIn
 from .settings import Settings
@@ -73,6 +74,13 @@ ON CONFLICT (sale_id, sku) DO UPDATE SET
 """
 
 
+DELETE_DROPPED_ITEMS = """
+DELETE FROM items
+WHERE sale_id = $1 AND NOT (sku = ANY($2::text[]))
+  AND (SELECT changed_at FROM sales WHERE id = $1) <= to_timestamp($3 / 1000.0)
+"""
+
+
 def merge(entries: Sequence[Entry]) -> tuple[dict[str, dict[str, str]], dict[str, str] | None]:
     """Collapses a batch to one row per reservation (its latest status) and the newest sale event,
     so that one statement never touches a row twice."""
@@ -111,18 +119,35 @@ async def write(conn: asyncpg.Connection | PoolConnectionProxy, sale_id: str, en
         if sale is not None:
             doc = msgspec.json.decode(sale["doc"], type=SaleIn)
             at = int(sale["at_ms"])
-            await conn.execute(UPSERT_SALE, sale_id, doc.name, doc.starts_at, doc.ends_at,
-                               doc.hold_seconds, sale["state"], at)
-            await conn.execute(UPSERT_ITEMS, sale_id, [i.sku for i in doc.items], [i.name for i in doc.items],
-                               [i.price_cents for i in doc.items], [i.stock for i in doc.items],
-                               [i.per_user_limit for i in doc.items], at)
+            await conn.execute(
+                UPSERT_SALE, sale_id, doc.name, doc.starts_at, doc.ends_at, doc.hold_seconds, sale["state"], at
+            )
+            await conn.execute(
+                UPSERT_ITEMS,
+                sale_id,
+                [i.sku for i in doc.items],
+                [i.name for i in doc.items],
+                [i.price_cents for i in doc.items],
+                [i.stock for i in doc.items],
+                [i.per_user_limit for i in doc.items],
+                at,
+            )
+            await conn.execute(DELETE_DROPPED_ITEMS, sale_id, [i.sku for i in doc.items], at)
         if rows:
             r = list(rows.values())
             await conn.execute(
-                UPSERT_RESERVATIONS, sale_id, [e["rid"] for e in r], [e["sku"] for e in r],
-                [e["user"] for e in r], [int(e["qty"]) for e in r], [e["status"] for e in r],
-                [e.get("idem", "") for e in r], [e.get("payment_ref", "") for e in r],
-                [int(e["created_ms"]) for e in r], [int(e["expires_ms"]) for e in r], [int(e["at_ms"]) for e in r],
+                UPSERT_RESERVATIONS,
+                sale_id,
+                [e["rid"] for e in r],
+                [e["sku"] for e in r],
+                [e["user"] for e in r],
+                [int(e["qty"]) for e in r],
+                [e["status"] for e in r],
+                [e.get("idem", "") for e in r],
+                [e.get("payment_ref", "") for e in r],
+                [int(e["created_ms"]) for e in r],
+                [int(e["expires_ms"]) for e in r],
+                [int(e["at_ms"]) for e in r],
             )
 
 
@@ -178,9 +203,16 @@ class Persister:
             for stream in streams:
                 await self.claim(stream, streams[stream], stop)
         wanted: dict[Any, Any] = dict.fromkeys(streams, ">")
-        replies = cast(list[tuple[str, list[Entry]]] | None, await self.redis.xreadgroup(
-            GROUP, self.name, wanted, count=self.settings.persist_batch, block=self.settings.persist_block_ms,
-        ))
+        replies = cast(
+            list[tuple[str, list[Entry]]] | None,
+            await self.redis.xreadgroup(
+                GROUP,
+                self.name,
+                wanted,
+                count=self.settings.persist_batch,
+                block=self.settings.persist_block_ms,
+            ),
+        )
         for stream, entries in replies or []:
             await self.handle(stream, streams[stream], entries, stop)
         if now - self._trimmed_at > 5.0:
@@ -192,9 +224,12 @@ class Persister:
         """Takes over entries another (likely dead) consumer left pending too long."""
         start = "0-0"
         while not stop.is_set():
-            start, entries, deleted = cast(tuple[str, list[Entry], list[str]], await self.redis.xautoclaim(
-                stream, GROUP, self.name, self.settings.claim_idle_ms, start, count=self.settings.persist_batch
-            ))
+            start, entries, deleted = cast(
+                tuple[str, list[Entry], list[str]],
+                await self.redis.xautoclaim(
+                    stream, GROUP, self.name, self.settings.claim_idle_ms, start, count=self.settings.persist_batch
+                ),
+            )
             if deleted:
                 await self.redis.xack(stream, GROUP, *deleted)
             if entries:
@@ -224,6 +259,7 @@ class Persister:
         if await self.write(sale_id, good, stop):
             await self.redis.xack(stream, GROUP, *(e[0] for e in good))
             self.written += len(good)
+            metrics.committed([e[0] for e in good])
             log.info("batch persisted", extra={"sale_id": sale_id, "entries": len(good)})
         elif len(good) > 1:
             # Something in the batch is poison: write the rest one by one; the bad one stays
@@ -232,6 +268,7 @@ class Persister:
                 if await self.write(sale_id, [entry], stop):
                     await self.redis.xack(stream, GROUP, entry[0])
                     self.written += 1
+                    metrics.committed([entry[0]])
 
     async def write(self, sale_id: str, entries: Sequence[Entry], stop: asyncio.Event) -> bool:
         """True once committed, False if the entries themselves are bad (or we are stopping)."""
@@ -256,6 +293,7 @@ class Persister:
         await self.redis.xadd(self.keys.dead(sale_id), dead)
         await self.redis.xack(stream, GROUP, entry_id)
         self.dead_lettered += 1
+        metrics.DEAD.inc()
         log.error("dead-lettered entry", extra={"sale_id": sale_id, "entry_id": entry_id, "reason": why})
 
     async def trim(self, stream: str) -> None:

@@ -49,7 +49,8 @@ async def reconcile(redis: Redis, conn: asyncpg.Connection, keys: Keys, sale_id:
     in_pg = {sku: dict.fromkeys(COLUMNS, 0) for sku in skus}
     for row in await conn.fetch(
         "SELECT sku, status, count(*) AS n, sum(quantity) AS units FROM reservations"
-        " WHERE sale_id = $1 GROUP BY sku, status", sale_id,
+        " WHERE sale_id = $1 GROUP BY sku, status",
+        sale_id,
     ):
         counts = in_pg.setdefault(row["sku"], dict.fromkeys(COLUMNS, 0))
         counts["reservations"] += row["n"]
@@ -57,8 +58,9 @@ async def reconcile(redis: Redis, conn: asyncpg.Connection, keys: Keys, sale_id:
     for sku in in_pg:
         red = in_redis.get(sku, dict.fromkeys(COLUMNS, 0))
         report.rows[sku] = (red, in_pg[sku])
-        report.differences += [f"{sku} {c}: redis {red[c]}, postgres {in_pg[sku][c]}"
-                               for c in COLUMNS if red[c] != in_pg[sku][c]]
+        report.differences += [
+            f"{sku} {c}: redis {red[c]}, postgres {in_pg[sku][c]}" for c in COLUMNS if red[c] != in_pg[sku][c]
+        ]
     report.backlog = (await backlog(redis, keys, sale_id)).events
     if report.backlog:
         report.differences.append(f"{report.backlog} events not yet in Postgres (is a worker running?)")

@@ -39,10 +39,16 @@ def to_reservation(sale_id: str, values: list[str | None], now: int | None = Non
     if status == "held" and now is not None and now >= int(expires):
         status = "expired"  # due and about to be swept: say what it is
     return Reservation(
-        reservation_id=rid, sale_id=sale_id, sku=sku, user_id=user, quantity=int(qty),
+        reservation_id=rid,
+        sale_id=sale_id,
+        sku=sku,
+        user_id=user,
+        quantity=int(qty),
         status=status,  # type: ignore[arg-type]
-        created_at=instant(created), expires_at=instant(expires),
-        updated_at=instant(final) if final else None, payment_ref=payment_ref or None,
+        created_at=instant(created),
+        expires_at=instant(expires),
+        updated_at=instant(final) if final else None,
+        payment_ref=payment_ref or None,
     )
 
 
@@ -73,9 +79,16 @@ class Reservations:
         rid = new_rid(sale_id)
         idem = idempotency_key or ""
         result = await self.scripts.reserve(
-            keys=[k.sale(sale_id), k.item(sale_id, sku), k.users(sale_id, sku), k.holds(sale_id, sku),
-                  k.reservation(sale_id, rid), k.events(sale_id),
-                  k.idempotency(sale_id, user_id, idem), k.rate(sale_id, user_id)],
+            keys=[
+                k.sale(sale_id),
+                k.item(sale_id, sku),
+                k.users(sale_id, sku),
+                k.holds(sale_id, sku),
+                k.reservation(sale_id, rid),
+                k.events(sale_id),
+                k.idempotency(sale_id, user_id, idem),
+                k.rate(sale_id, user_id),
+            ],
             args=[rid, user_id, sku, quantity, f"{sku}:{quantity}", idem, self.settings.user_rate_per_s],
         )
         if result[0] == "ok":
@@ -100,8 +113,13 @@ class Reservations:
         if sku is None:
             raise ApiError("not_found", "no such reservation")
         result = await self.scripts.settle(
-            keys=[k.item(sale_id, sku), k.users(sale_id, sku), k.holds(sale_id, sku), k.events(sale_id),
-                  k.reservation(sale_id, rid)],
+            keys=[
+                k.item(sale_id, sku),
+                k.users(sale_id, sku),
+                k.holds(sale_id, sku),
+                k.events(sale_id),
+                k.reservation(sale_id, rid),
+            ],
             args=[action, user_id, payment_ref, rid],
         )
         if result[1] == "not_found":

@@ -1,21 +1,35 @@
-"""Sales in Redis: loading a new sale and reading one back with its live numbers."""
+"""Sales in Redis: loading a new sale, reading sales back with their live numbers, and the ops
+actions that run one (list, update before start, pause, resume, end, restock)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Literal, cast
 
 import msgspec
 from redis.asyncio import Redis
 
 from .errors import ApiError
 from .keys import GROUP, Keys
-from .schemas import ItemOut, SaleIn, SaleOut, SaleStatus
+from .schemas import MAX_STOCK, SLUG_PATTERN, ItemIn, ItemOut, SaleIn, SaleOut, SalePage, SalePatch, SaleStatus
 from .scripts import Scripts
 
 ITEM_FIELDS = ("stock_total", "available", "held", "confirmed", "per_user_limit")
+SNAPSHOT_TRIES = 5
+UPDATE_TRIES = 10
+UPDATE_REFUSED = {
+    "started": "the sale has started: its window and items can no longer change",
+    "ended": "the sale has ended: its window and items can no longer change",
+    "taken": "an item's new stock is below the units already held or confirmed",
+}
+SLUG = re.compile(SLUG_PATTERN)
 
 
 def ms(at: datetime) -> int:
@@ -46,7 +60,11 @@ def sale_status(state: str, starts: int, ends: int, now: int, items: Sequence[It
 def validate(sale: SaleIn) -> None:
     if sale.ends_at <= sale.starts_at:
         raise ApiError("invalid_request", "ends_at must be after starts_at", fields=["ends_at"])
-    skus = [i.sku for i in sale.items]
+    unique_skus(sale.items)
+
+
+def unique_skus(items: Sequence[ItemIn]) -> None:
+    skus = [i.sku for i in items]
     if len(set(skus)) != len(skus):
         raise ApiError("invalid_request", "each item needs its own sku", fields=["items"])
 
@@ -63,8 +81,14 @@ class Sales:
         # Listed first: a crash after the script leaves a listed sale, never an unlisted one
         # whose events nobody drains.
         await self.redis.zadd(k.sales, {sale.id: now_ms()}, nx=True)
-        args: list[str | int] = [sale.id, ms(sale.starts_at), ms(sale.ends_at), sale.hold_seconds * 1000,
-                                 msgspec.json.encode(sale).decode(), GROUP]
+        args: list[str | int] = [
+            sale.id,
+            ms(sale.starts_at),
+            ms(sale.ends_at),
+            sale.hold_seconds * 1000,
+            msgspec.json.encode(sale).decode(),
+            GROUP,
+        ]
         for item in sale.items:
             args += [item.sku, item.stock, item.per_user_limit]
         result = await self.scripts.sale_create(
@@ -76,33 +100,202 @@ class Sales:
         return await self.view(sale.id)
 
     async def view(self, sale_id: str) -> SaleOut:
-        """One atomic snapshot (MULTI) of the sale and all its items: the numbers agree."""
-        k = self.keys
-        raw = await self.redis.hget(k.sale(sale_id), "doc")
-        if raw is None:
+        sale = (await self.views([sale_id]))[0]
+        if sale is None:
             raise ApiError("not_found", f"no sale {sale_id!r}")
-        doc = msgspec.json.decode(raw, type=SaleIn)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.time()
-        pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "hold_ms")
-        for item in doc.items:
-            pipe.hmget(k.item(sale_id, item.sku), *ITEM_FIELDS)
-            pipe.zrange(k.holds(sale_id, item.sku), 0, 0, withscores=True)
-        replies = await pipe.execute()
-        seconds, micros = replies[0]
-        now = int(seconds) * 1000 + int(micros) // 1000
-        state, starts, ends, hold = replies[1]
-        items = []
-        for n, item in enumerate(doc.items):
-            total, available, held, _confirmed, limit = (int(v or 0) for v in replies[2 + 2 * n])
-            first = replies[3 + 2 * n]
-            items.append(ItemOut(
-                sku=item.sku, name=item.name, price_cents=item.price_cents, stock_total=total,
-                available=available, held=held, per_user_limit=limit,
-                next_release_at=instant(first[0][1]) if available == 0 and first else None,
-            ))
-        return SaleOut(
-            id=sale_id, name=doc.name,
-            status=sale_status(state, int(starts), int(ends), now, items),
-            starts_at=instant(starts), ends_at=instant(ends), hold_seconds=int(hold) // 1000, items=items,
+        return sale
+
+    async def views(self, sale_ids: Sequence[str]) -> list[SaleOut | None]:
+        """Each sale as one atomic snapshot (MULTI) of it and all its items, so the numbers agree;
+        None for an id without a sale. Which items to read comes from the skus read just before;
+        a sale whose item list an update changed in between is read again."""
+        k = self.keys
+        found: dict[str, SaleOut | None] = {}
+        todo = list(dict.fromkeys(sale_ids))
+        for _ in range(SNAPSHOT_TRIES):
+            pipe = self.redis.pipeline(transaction=False)
+            for sale_id in todo:
+                pipe.hget(k.sale(sale_id), "skus")
+            listed: dict[str, list[str]] = {}
+            for sale_id, skus in zip(todo, await pipe.execute(), strict=True):
+                if skus is None:
+                    found[sale_id] = None
+                else:
+                    listed[sale_id] = skus.split(",")
+            todo = []
+            if not listed:
+                break
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.time()
+            for sale_id, skus in listed.items():
+                pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "hold_ms", "doc")
+                for sku in skus:
+                    pipe.hmget(k.item(sale_id, sku), *ITEM_FIELDS)
+                    pipe.zrange(k.holds(sale_id, sku), 0, 0, withscores=True)
+            replies = await pipe.execute()
+            seconds, micros = replies[0]
+            now = int(seconds) * 1000 + int(micros) // 1000
+            at = 1
+            for sale_id, skus in listed.items():
+                state, starts, ends, hold, raw = replies[at]
+                parts = replies[at + 1 : at + 1 + 2 * len(skus)]
+                at += 1 + 2 * len(skus)
+                doc = msgspec.json.decode(raw, type=SaleIn)
+                if [i.sku for i in doc.items] != skus:
+                    todo.append(sale_id)
+                    continue
+                found[sale_id] = _sale_out(sale_id, doc, state, int(starts), int(ends), int(hold), parts, now)
+            if not todo:
+                break
+        else:
+            raise ApiError("unavailable", "the sale kept changing while it was read", retry_after=1)
+        return [found[s] for s in sale_ids]
+
+    async def page(self, limit: int, cursor: str | None = None) -> SalePage:
+        """Sales newest first. The cursor is the (created ms, id) of the last sale shown, so a
+        page never repeats or skips a sale, however many were created since."""
+        k = self.keys
+        if cursor is None:
+            entries = cast(list[tuple[str, float]], await self.redis.zrevrange(k.sales, 0, limit, withscores=True))
+        else:
+            score, after = _read_cursor(cursor)
+            # Sales created in the same ms as the cursor's come in reverse id order: take those after it.
+            ties = cast(list[str], await self.redis.zrevrangebyscore(k.sales, score, score))
+            entries = [(s, float(score)) for s in ties if s < after][: limit + 1]
+            if len(entries) <= limit:
+                entries += cast(
+                    list[tuple[str, float]],
+                    await self.redis.zrevrangebyscore(
+                        k.sales, f"({score}", "-inf", start=0, num=limit + 1 - len(entries), withscores=True
+                    ),
+                )
+        shown = entries[:limit]
+        sales = await self.views([s for s, _ in shown])
+        return SalePage(
+            sales=[s for s in sales if s is not None],  # a sale listed by a create that never finished
+            next_cursor=_cursor(int(shown[-1][1]), shown[-1][0]) if len(entries) > limit else None,
         )
+
+    async def pause(self, sale_id: str) -> SaleOut:
+        """No new holds until resumed; holds already made can still be confirmed or cancelled."""
+        return await self._control(sale_id, "pause")
+
+    async def resume(self, sale_id: str) -> SaleOut:
+        return await self._control(sale_id, "resume")
+
+    async def end(self, sale_id: str) -> SaleOut:
+        """Ends the sale for good; holds already made can still be confirmed or cancelled."""
+        return await self._control(sale_id, "end")
+
+    async def _control(self, sale_id: str, action: Literal["pause", "resume", "end"]) -> SaleOut:
+        k = self.keys
+        result = await self.scripts.sale_control(keys=[k.sale(sale_id), k.events(sale_id)], args=[sale_id, action])
+        if result[0] == "err":
+            if result[1] == "invalid_state":
+                raise ApiError("invalid_state", f"the sale has ended, and ended is final: cannot {action} it")
+            raise ApiError(result[1], f"no sale {sale_id!r}" if result[1] == "not_found" else None)
+        return await self.view(sale_id)
+
+    async def restock(self, sale_id: str, sku: str, quantity: int) -> ItemOut:
+        """Adds units to stock_total and available in one atomic step, holds in flight or not."""
+        k = self.keys
+        result = await self.scripts.restock(
+            keys=[k.sale(sale_id), k.item(sale_id, sku), k.events(sale_id)], args=[sale_id, sku, quantity, MAX_STOCK]
+        )
+        if result[0] == "err":
+            code, detail = result[1], result[2]
+            if code == "not_found":
+                raise ApiError(code, f"no sale {sale_id!r}" if detail == "sale" else f"no item {sku!r} in {sale_id!r}")
+            if code == "invalid_request":
+                raise ApiError(code, f"stock_total would pass {detail}", fields=["quantity"])
+            raise ApiError(code, "the sale has ended: it cannot be restocked")
+        item = next((i for i in (await self.view(sale_id)).items if i.sku == sku), None)
+        if item is None:  # an update dropped the item right after the restock
+            raise ApiError("not_found", f"no item {sku!r} in {sale_id!r}")
+        return item
+
+    async def update(self, sale_id: str, patch: SalePatch) -> SaleOut:
+        """Merges the fields given into the sale in one atomic step, refused once it has started.
+        Only a change of items can conflict (with another such change); then it reads again."""
+        k = self.keys
+        items = patch.items if isinstance(patch.items, list) else []
+        unique_skus(items)
+        skus = [i.sku for i in items]
+        times = [ms(t) if isinstance(t, datetime) else "" for t in (patch.starts_at, patch.ends_at)]
+        hold = patch.hold_seconds * 1000 if isinstance(patch.hold_seconds, int) else ""
+        changes = msgspec.json.encode(patch).decode()  # the fields given, UNSET ones left out
+        for attempt in range(UPDATE_TRIES):
+            listed = ""
+            if items:
+                listed = cast(str | None, await self.redis.hget(k.sale(sale_id), "skus")) or ""
+            dropped = [s for s in listed.split(",") if s and s not in skus]
+            args: list[str | int] = [sale_id, listed, changes, *times, hold, len(items)]
+            for item in items:
+                args += [item.sku, item.stock, item.per_user_limit]
+            result = await self.scripts.sale_update(
+                keys=[
+                    k.sale(sale_id),
+                    k.events(sale_id),
+                    *(k.item(sale_id, s) for s in skus),
+                    *(f(sale_id, s) for s in dropped for f in (k.item, k.users, k.holds)),
+                ],
+                args=args,
+            )
+            if result[0] == "ok":
+                return await self.view(sale_id)
+            code, detail = result[1], result[2]
+            if code == "not_found":
+                raise ApiError(code, f"no sale {sale_id!r}")
+            if code == "invalid_request":
+                raise ApiError(code, "ends_at must be after starts_at", fields=["ends_at"])
+            if code != "conflict":
+                raise ApiError(code, UPDATE_REFUSED[detail])
+            # Another update changed the items first: back off a random while, so that racing
+            # updates spread out instead of colliding again, and read the skus again.
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+        raise ApiError("unavailable", "the sale's items kept changing while it was updated", retry_after=1)
+
+
+def _sale_out(
+    sale_id: str, doc: SaleIn, state: str, starts: int, ends: int, hold: int, parts: Sequence[Any], now: int
+) -> SaleOut:
+    items = []
+    for n, item in enumerate(doc.items):
+        total, available, held, _confirmed, limit = (int(v or 0) for v in parts[2 * n])
+        first = parts[2 * n + 1]
+        items.append(
+            ItemOut(
+                sku=item.sku,
+                name=item.name,
+                price_cents=item.price_cents,
+                stock_total=total,
+                available=available,
+                held=held,
+                per_user_limit=limit,
+                next_release_at=instant(first[0][1]) if available == 0 and first else None,
+            )
+        )
+    return SaleOut(
+        id=sale_id,
+        name=doc.name,
+        status=sale_status(state, starts, ends, now, items),
+        starts_at=instant(starts),
+        ends_at=instant(ends),
+        hold_seconds=hold // 1000,
+        items=items,
+    )
+
+
+def _cursor(score: int, sale_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score}:{sale_id}".encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        text = base64.b64decode(cursor + "=" * (-len(cursor) % 4), b"-_", validate=True).decode()
+        score, _, sale_id = text.partition(":")
+    except ValueError:  # not base64, not ASCII, not UTF-8
+        score, sale_id = "", ""
+    if not score.isdigit() or not SLUG.match(sale_id):
+        raise ApiError("invalid_request", "cursor is not one this API gave out", fields=["cursor"])
+    return int(score), sale_id

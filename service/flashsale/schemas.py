@@ -7,13 +7,16 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta, Struct, field
+from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-Slug = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and -, at most 64")]
+SLUG_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_STOCK = 10**9  # Redis Lua's cjson writes integers past 14 digits as floats: stay well below
+Slug = Annotated[str, Meta(pattern=SLUG_PATTERN, description="letters, digits, _ and -, at most 64")]
 UserId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Quantity = Annotated[int, Meta(ge=1, le=1_000_000)]
 Instant = Annotated[datetime, Meta(tz=True, description="ISO 8601 with offset")]
+HoldSeconds = Annotated[int, Meta(ge=1, le=86_400)]
 ReservationStatus = Literal["held", "confirmed", "released", "expired"]
 SaleStatus = Literal["scheduled", "live", "paused", "ended", "sold_out"]
 
@@ -22,8 +25,11 @@ class ItemIn(Struct, forbid_unknown_fields=True):
     sku: Slug
     name: Name
     price_cents: Annotated[int, Meta(ge=0, le=10**12)]
-    stock: Annotated[int, Meta(ge=0, le=10**9)]
+    stock: Annotated[int, Meta(ge=0, le=MAX_STOCK)]
     per_user_limit: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+
+
+Items = Annotated[list[ItemIn], Meta(min_length=1, max_length=100)]
 
 
 class SaleIn(Struct, forbid_unknown_fields=True):
@@ -31,8 +37,23 @@ class SaleIn(Struct, forbid_unknown_fields=True):
     name: Name
     starts_at: Instant
     ends_at: Instant
-    items: Annotated[list[ItemIn], Meta(min_length=1, max_length=100)]
-    hold_seconds: Annotated[int, Meta(ge=1, le=86_400)] = 600
+    items: Items
+    hold_seconds: HoldSeconds = 600
+
+
+class SalePatch(Struct, forbid_unknown_fields=True):
+    """A change to a sale that has not started: fields left out keep their value, ``items``
+    replaces the whole list (a kept sku's ``stock`` becomes its new stock_total)."""
+
+    name: Name | UnsetType = UNSET
+    starts_at: Instant | UnsetType = UNSET
+    ends_at: Instant | UnsetType = UNSET
+    hold_seconds: HoldSeconds | UnsetType = UNSET
+    items: Items | UnsetType = UNSET
+
+
+class RestockIn(Struct, forbid_unknown_fields=True):
+    quantity: Quantity
 
 
 class ReserveIn(Struct, forbid_unknown_fields=True):
@@ -84,6 +105,13 @@ class SaleOut(Struct):
     items: list[ItemOut]
 
 
+class SalePage(Struct):
+    """One page of sales, newest first; ``next_cursor`` is null on the last page."""
+
+    sales: list[SaleOut]
+    next_cursor: str | None
+
+
 class ErrorBody(Struct, omit_defaults=True):
     code: str
     message: str
@@ -103,3 +131,52 @@ class Health(Struct):
 
 
 encoder = msgspec.json.Encoder()
+
+
+class ItemProgress(Struct):
+    """One item of a sale in progress. Stock numbers are units; ``reservations`` (successful
+    reserve calls), ``attempts`` and ``rejected`` count requests."""
+
+    sku: str
+    name: str
+    stock_total: int
+    available: int
+    held: int
+    confirmed: int
+    released: int  # cancelled + expired
+    cancelled: int
+    expired: int
+    reservations: int
+    attempts: int
+    rejected: dict[str, int]  # error code -> attempts refused with it
+
+
+class Rates(Struct):
+    """Per second over ``window_s``, the span actually measured: shorter than asked while this
+    process has watched the sale for less than the window, 0 (and every rate 0) at first."""
+
+    window_s: float
+    reservations: float
+    attempts: float
+    rejected: dict[str, float]
+
+
+class RateWindows(Struct):
+    last_1s: Rates = field(name="1s")
+    last_10s: Rates = field(name="10s")
+    last_60s: Rates = field(name="60s")
+
+
+class SaleProgress(Struct):
+    """A sale being watched: its items, how far Postgres is behind Redis, and its rates."""
+
+    sale_id: str
+    status: SaleStatus
+    at: datetime  # Redis time of the snapshot
+    items: list[ItemProgress]
+    persisted: int | None  # reservation rows in Postgres; null when Postgres did not answer
+    queue_backlog: int  # events not yet in Postgres
+    oldest_unpersisted_age_s: float
+    dead_lettered: int
+    workers_alive: int  # persister processes with a live heartbeat
+    rates: RateWindows

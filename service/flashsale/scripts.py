@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-NAMES = ("sale_create", "reserve", "settle")
+NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class Scripts:
     sale_create: AsyncScript
     reserve: AsyncScript
     settle: AsyncScript
+    sale_control: AsyncScript
+    restock: AsyncScript
+    sale_update: AsyncScript
 
     @classmethod
     def load(cls, redis: Redis, lua_dir: Path) -> Scripts:

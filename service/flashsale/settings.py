@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -25,6 +26,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     if value < minimum:
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+def _level(env: Mapping[str, str], name: str, default: str) -> str:
+    level = (env.get(name) or default).upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"{name}={env.get(name)!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -75,7 +83,7 @@ class Settings:
             persist_batch=_int(env, "FLASHSALE_PERSIST_BATCH", d.persist_batch, 1),
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", d.claim_idle_ms, 100),
             max_deliveries=_int(env, "FLASHSALE_MAX_DELIVERIES", d.max_deliveries, 1),
-            log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+            log_level=_level(env, "LOG_LEVEL", d.log_level),
         )
 
     def require_servers(self) -> None:

@@ -31,8 +31,9 @@ async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> 
     pipe = redis.pipeline(transaction=False)
     for sale_id in sale_ids:
         pipe.hget(keys.sale(sale_id), "skus")
-    pairs = [(s, sku) for s, skus in zip(sale_ids, await pipe.execute(), strict=True) if skus
-             for sku in skus.split(",")]
+    pairs = [
+        (s, sku) for s, skus in zip(sale_ids, await pipe.execute(), strict=True) if skus for sku in skus.split(",")
+    ]
     now = now_ms()
     pipe = redis.pipeline(transaction=False)
     for sale_id, sku in pairs:
@@ -46,8 +47,13 @@ async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> 
 
 async def _expire(scripts: Scripts, keys: Keys, sale_id: str, sku: str, rids: list[str]) -> int:
     n: int = await scripts.settle(
-        keys=[keys.item(sale_id, sku), keys.users(sale_id, sku), keys.holds(sale_id, sku),
-              keys.events(sale_id), *(keys.reservation(sale_id, r) for r in rids)],
+        keys=[
+            keys.item(sale_id, sku),
+            keys.users(sale_id, sku),
+            keys.holds(sale_id, sku),
+            keys.events(sale_id),
+            *(keys.reservation(sale_id, r) for r in rids),
+        ],
         args=["expire", "", "", *rids],
     )
     return n
