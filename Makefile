@@ -17,18 +17,29 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed  ## the whole service on throwaway servers (or REDIS_URL / DATABASE_URL)
 	$(BIN)/flashsale dev
 
-test: $(VENV)/.installed  ## the test suite with coverage
+TEST_WORKERS ?= 2
+test: $(VENV)/.installed  ## the test suite with coverage, in TEST_WORKERS processes (pytest-xdist)
 	$(BIN)/coverage erase
-	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check service tests loadtest
-	$(BIN)/ruff format --check service tests loadtest
+	$(BIN)/ruff check service tests loadtest bench
+	$(BIN)/ruff format --check service tests loadtest bench
 
 mypy: $(VENV)/.installed
 	$(BIN)/mypy
 
 check: lint mypy test
+
+loadtest: $(VENV)/.installed  ## a locust scenario against the whole service; last line PASS or FAIL: ...
+	$(PY) -m loadtest.run --scenario $(SCENARIO) --duration $(DURATION) --users $(USERS)
+
+bench: $(VENV)/.installed  ## throughput and latency against reference designs, with wrk (installed if missing)
+	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (Debian package)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; } \
+	  || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	$(PY) -m loadtest.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage* htmlcov .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,410 @@
+"""The locust side every scenario shares: the sale each run creates at test start, a storefront
+client that records every answer, a progress line, and at test stop the verdict.
+
+A scenario module calls :func:`install` with a function that builds its sale and defines its
+users as subclasses of :class:`Shopper`. Everything lives in this one locust process (no
+``--processes``): the records must all be in one place to be checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import gevent
+import requests
+from gevent.pool import Group
+from locust import FastHttpUser, events
+from locust.contrib.fasthttp import FastHttpSession
+from locust.env import Environment
+
+from loadtest.records import Records, percentiles
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("loadtest")
+
+SaleFactory = Callable[[int, float], dict[str, Any]]  # (users, run seconds) -> the sale body
+Expectations = Callable[[Records], list[str]]  # unmet scenario expectations
+GIVES_UP = "[gives up]"  # endpoint names with this suffix are expected to time out
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int  # 0: no answer (connection error or client timeout)
+    body: dict[str, Any] | None
+    code: str = ""  # the error code of a refusal
+    retry_after: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (200, 201)
+
+    @property
+    def unanswered(self) -> bool:
+        """No answer, or the service asked to come back: worth sending the same request again."""
+        return self.status == 0 or self.status == 503
+
+
+@dataclass
+class Run:
+    """The state of this locust run: one scenario, one sale."""
+
+    scenario: str
+    make_sale: SaleFactory
+    expect: Expectations | None
+    ops_key: str = field(default_factory=lambda: os.environ.get("OPS_KEY", ""))
+    store_key: str = field(default_factory=lambda: os.environ.get("STORE_KEY", ""))
+    out: Path = field(default_factory=lambda: Path(os.environ.get("LOADTEST_OUT", "")))
+    records: Records | None = None
+    helpers: Group = field(default_factory=Group)  # greenlets users spawn for requests in flight together
+    latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    stopped: bool = False
+    ticker: gevent.Greenlet | None = None
+
+    @property
+    def sale(self) -> dict[str, Any]:
+        assert self.records is not None, "no sale: test_start did not run"
+        return self.records.sale
+
+
+RUN: Run | None = None
+_numbers = itertools.count(1)
+
+
+def run() -> Run:
+    assert RUN is not None, "loadtest.shopper.install() was not called by the locustfile"
+    return RUN
+
+
+def install(scenario: str, make_sale: SaleFactory, expect: Expectations | None = None) -> None:
+    """Hooks this scenario into locust's events; call once, at the top of the locustfile."""
+    global RUN
+    RUN = Run(scenario, make_sale, expect)
+    events.test_start.add_listener(_on_test_start)
+    events.test_stop.add_listener(_on_test_stop)
+    events.request.add_listener(_on_request)
+
+
+def sale_window(opens_in: float = 0.0, hours: int = 2) -> dict[str, str]:
+    now = datetime.now(UTC)
+    return {
+        "starts_at": (now + timedelta(seconds=opens_in)).isoformat(),
+        "ends_at": (now + timedelta(hours=hours)).isoformat(),
+    }
+
+
+def new_sale_id(scenario: str) -> str:
+    return f"lt-{scenario.replace('_', '-')}-{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _options(environment: Environment) -> tuple[int, float]:
+    opts = environment.parsed_options
+    users = int(getattr(opts, "num_users", None) or 1)
+    seconds = float(getattr(opts, "run_time", None) or 60)
+    return users, seconds
+
+
+def _on_test_start(environment: Environment, **_: Any) -> None:
+    r = run()
+    if not r.ops_key or not r.store_key:
+        _abort(environment, "OPS_KEY and STORE_KEY must be set (python -m loadtest.run sets them)")
+        return
+    users, seconds = _options(environment)
+    body = r.make_sale(users, seconds)
+    try:
+        resp = requests.post(
+            f"{environment.host}/v1/sales", json=body, timeout=30, headers={"Authorization": f"Bearer {r.ops_key}"}
+        )
+    except requests.RequestException as exc:
+        _abort(environment, f"could not create the sale: {exc!r}")
+        return
+    if resp.status_code != 201:
+        _abort(environment, f"could not create the sale: {resp.status_code} {resp.text[:300]}")
+        return
+    r.records = Records(
+        scenario=r.scenario,
+        sale=body,
+        base_url=str(environment.host),
+        users=users,
+        duration_s=seconds,
+        started_at=time.time(),
+    )
+    if not r.out.name:
+        reports = ROOT / "loadtest" / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        r.out = reports / f"{r.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log.info(
+        "sale %s created: %s",
+        body["id"],
+        ", ".join(f"{i['sku']} stock {i['stock']} limit {i['per_user_limit']}" for i in body["items"]),
+    )
+    r.ticker = gevent.spawn(_progress, environment, seconds)
+
+
+def _abort(environment: Environment, why: str) -> None:
+    log.error(why)
+    environment.process_exit_code = 1
+    if environment.runner is not None:
+        gevent.spawn_later(0.1, environment.runner.quit)
+
+
+def _on_request(
+    request_type: str, name: str, response_time: float | None, exception: Exception | None, **_: Any
+) -> None:
+    r = run()
+    r.latency[name].append(float(response_time or 0.0))
+    if exception is not None:
+        r.failures[name] += 1
+
+
+def _progress(environment: Environment, seconds: float) -> None:
+    """One line every few seconds, so a long run shows it is alive and how it goes."""
+    every = float(os.environ.get("LOADTEST_PROGRESS_S", "5"))
+    r = run()
+    begun = time.monotonic()
+    while True:
+        gevent.sleep(every)
+        rec = r.records
+        if rec is None or environment.runner is None:
+            continue
+        stats = environment.runner.stats.total
+        won = sum(a.qty for a in rec.acked.values())
+        print(
+            f"[{r.scenario}] {time.monotonic() - begun:5.0f}s/{seconds:.0f}s users {environment.runner.user_count}"
+            f"  requests {stats.num_requests} ({stats.current_rps:.0f}/s, failed {stats.num_failures})"
+            f"  reserve attempts {rec.attempts}, won {len(rec.acked)} ({won} units)",
+            flush=True,
+        )
+
+
+def _on_test_stop(environment: Environment, **_: Any) -> None:
+    r = run()
+    if r.stopped or r.records is None:
+        return
+    r.stopped = True
+    if r.ticker is not None:
+        r.ticker.kill(block=False)
+    r.helpers.kill(block=True, timeout=5)
+    rec = r.records
+    total = failed = 0
+    for name, samples in sorted(r.latency.items()):
+        rec.latency[name] = {**percentiles(samples), "errors": r.failures.get(name, 0)}
+        if not name.endswith(GIVES_UP):
+            total += len(samples)
+            failed += r.failures.get(name, 0)
+    rec.error_rate = failed / total if total else 0.0
+    if r.expect is not None:
+        rec.expectations = r.expect(rec)
+    records_path = r.out.with_suffix(".records.json")
+    rec.save(records_path)
+    print(f"[{r.scenario}] load done; waiting for the queue to drain, then checking the invariants", flush=True)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "loadtest.verdict", str(records_path), "--out", str(r.out)],
+            cwd=ROOT,
+            timeout=float(os.environ.get("LOADTEST_VERDICT_TIMEOUT", "240")),
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        verdict = json.loads(r.out.with_suffix(".json").read_text())
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.error("no verdict: %r", exc)
+        environment.process_exit_code = 1
+        return
+    if not os.environ.get("LOADTEST_RUNNER"):
+        print(r.out.with_suffix(".txt").read_text(), flush=True)
+    environment.process_exit_code = 0 if verdict["pass"] else 1
+
+
+def _json(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+class Shopper(FastHttpUser):
+    """A storefront client for one shopper (one ``user_id``) that records every answer it gets."""
+
+    abstract = True
+    network_timeout = 30.0
+    connection_timeout = 10.0
+    concurrency = 4  # requests of one shopper may be in flight together (double clicks)
+    user_prefix = "u"
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self.user_id = f"{self.user_prefix}{next(_numbers)}"
+        self.client.auth_header = f"Bearer {run().store_key}"
+        self.done = False
+
+    @property
+    def records(self) -> Records:
+        rec = run().records
+        assert rec is not None
+        return rec
+
+    @property
+    def sale(self) -> dict[str, Any]:
+        return run().sale
+
+    def impatient(self, timeout: float) -> FastHttpSession:
+        """A second connection pool for this shopper whose requests give up after ``timeout`` s."""
+        session = FastHttpSession(
+            self.host,
+            self.environment.events.request,
+            self,
+            network_timeout=timeout,
+            connection_timeout=timeout,
+            max_retries=0,
+            concurrency=4,
+        )
+        session.auth_header = self.client.auth_header
+        return session
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        name: str,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        client: FastHttpSession | None = None,
+        expected: tuple[int, ...] = (200, 201),
+    ) -> Answer:
+        session = client or self.client
+        with session.request(method, path, name=name, json=body, headers=headers, catch_response=True) as resp:
+            status = int(resp.status_code or 0)
+            data = _json(resp.text) if status else None
+            error = (data or {}).get("error")
+            code = str(error.get("code", "")) if isinstance(error, dict) else ""
+            retry = float(error.get("retry_after") or 0) if isinstance(error, dict) else 0.0
+            if status in expected:
+                resp.success()
+            else:
+                resp.failure(f"{status} {code}".strip() if status else f"no answer: {resp.error!r}")
+        return Answer(status, data, code, retry)
+
+    def reserve(self, sku: str, qty: int, key: str | None = None, client: FastHttpSession | None = None) -> Answer:
+        """One reservation request; the answer is recorded whatever it is."""
+        key = key or secrets.token_urlsafe(12)
+        rec = self.records
+        rec.attempts += 1
+        name = "POST reserve" + (f" {GIVES_UP}" if client is not None else "")
+        a = self._send(
+            "POST",
+            f"/v1/sales/{self.sale['id']}/reservations",
+            name,
+            {"user_id": self.user_id, "sku": sku, "quantity": qty},
+            {"Idempotency-Key": key},
+            client,
+            expected=(200, 201, 409, 410, 429),
+        )
+        rec.answer("abuser reserve" if self.user_id in rec.abusers else "reserve", a.status, a.code)
+        if a.ok and a.body is not None:
+            if a.body.get("user_id") != self.user_id or a.body.get("sku") != sku or a.body.get("quantity") != qty:
+                rec.anomaly(f"reserve for {self.user_id} {sku} x{qty} answered with {a.body}")
+            else:
+                rec.ack(a.body, key)
+        elif a.status and a.status not in (409, 429, 503):
+            rec.anomaly(f"reserve {a.status} {a.code}")
+        return a
+
+    def reserve_until_answered(self, sku: str, qty: int, key: str | None = None, tries: int = 6) -> Answer:
+        """Sends the same request (same Idempotency-Key) again while there is no answer."""
+        key = key or secrets.token_urlsafe(12)
+        a = Answer(0, None)
+        for n in range(tries):
+            a = self.reserve(sku, qty, key)
+            if not a.unanswered:
+                return a
+            gevent.sleep(max(a.retry_after, 0.2 * 2**n) * random.uniform(0.8, 1.2))
+        return a
+
+    def settle(self, rid: str, action: str) -> Answer:
+        """Confirm (pay) or cancel; the reservation's status is recorded from the answer."""
+        body: dict[str, Any] = {"user_id": self.user_id}
+        if action == "confirm":
+            body["payment_ref"] = f"psp-{secrets.token_hex(6)}"
+        a = self._send("POST", f"/v1/reservations/{rid}/{action}", f"POST {action}", body, expected=(200, 409, 410))
+        rec = self.records
+        rec.answer(action, a.status, a.code)
+        if a.ok and a.body is not None:
+            rec.saw(rid, a.body)
+        elif a.status == 410:
+            rec.saw(rid, {"status": "expired"})
+        elif a.status == 409:
+            self.look(rid)  # invalid_state: ask what it is now
+        else:
+            rec.unsure(rid)
+            if a.status:
+                rec.anomaly(f"{action} {a.status} {a.code}")
+        return a
+
+    def settle_until_answered(self, rid: str, action: str, tries: int = 6) -> Answer:
+        a = Answer(0, None)
+        for n in range(tries):
+            a = self.settle(rid, action)
+            if not a.unanswered:
+                return a
+            gevent.sleep(max(a.retry_after, 0.2 * 2**n) * random.uniform(0.8, 1.2))
+        return a
+
+    def look(self, rid: str) -> Answer:
+        """GET the reservation and record the status it has now."""
+        a = self._send("GET", f"/v1/reservations/{rid}?user_id={self.user_id}", "GET reservation")
+        self.records.answer("get_reservation", a.status, a.code)
+        if a.ok and a.body is not None:
+            self.records.saw(rid, a.body)
+        return a
+
+    def browse(self) -> dict[str, Any] | None:
+        """GET the sale page; returns the sale or None."""
+        a = self._send("GET", f"/v1/sales/{self.sale['id']}", "GET sale")
+        self.records.answer("get_sale", a.status, a.code)
+        return a.body if a.ok else None
+
+    def together(self, *calls: Callable[[], Answer]) -> list[Answer]:
+        """Runs the calls at once (a double click) and waits for all of them."""
+        lets = [run().helpers.spawn(c) for c in calls]
+        gevent.joinall(lets, timeout=120)
+        return [g.value if g.successful() and g.value is not None else Answer(0, None) for g in lets]
+
+    def idle(self) -> None:
+        """A shopper who is done: no more requests until the run ends."""
+        self.done = True
+        gevent.sleep(1.0)
+
+    @staticmethod
+    def pause(low: float, high: float) -> None:
+        gevent.sleep(random.uniform(low, high))
+
+    def wait_for_opening(self) -> None:
+        """Shoppers who arrive early keep the page open and click at the opening (with a little jitter)."""
+        opens = datetime.fromisoformat(self.sale["starts_at"]).timestamp()
+        gevent.sleep(max(0.0, opens - time.time()) + random.uniform(0.0, 0.3))
+
+
+def item(sale: dict[str, Any] | None, sku: str) -> dict[str, Any]:
+    for i in (sale or {}).get("items", []):
+        if i["sku"] == sku:
+            found: dict[str, Any] = i
+            return found
+    return {}

@@ -1,0 +1,240 @@
+"""Do open progress streams slow reservations down? Reservations per second with 0 and with N
+open ``/progress/stream`` connections, in one run, against one service.
+
+    python -m loadtest.sse_impact                       # throwaway servers, `flashsale serve` + worker
+    python -m loadtest.sse_impact --phases 0,200,0,200 --duration 10 --drivers 2 --concurrency 32
+    FLASHSALE_URL=http://... OPS_KEY=... STORE_KEY=... python -m loadtest.sse_impact --url "$FLASHSALE_URL"
+
+Each phase opens its streams (and waits until each has had an event), then driver processes,
+each with one httpx client and ``--concurrency`` requests in flight, reserve one unit each for a
+new user for ``--duration`` seconds. Streams are held by this process; drivers are separate
+processes so that reading the streams does not take the drivers' CPU. Prints one row per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import secrets
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPORTS = Path(__file__).resolve().parent / "reports"
+
+
+@dataclass
+class Driven:
+    ok: int
+    failed: int
+    latencies_ms: list[float]
+
+
+def drive(
+    url: str,
+    store_key: str,
+    sale_id: str,
+    tag: str,
+    seconds: float,
+    concurrency: int,
+    out: multiprocessing.Queue[Driven],
+) -> None:
+    """One driver process: reserve one unit for a new user, ``concurrency`` at a time, until time is up."""
+
+    async def run() -> Driven:
+        done = Driven(0, 0, [])
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(
+            base_url=url, limits=limits, timeout=30, headers={"Authorization": f"Bearer {store_key}"}
+        ) as c:
+            deadline = time.monotonic() + seconds
+
+            async def loop(n: int) -> None:
+                i = 0
+                while time.monotonic() < deadline:
+                    i += 1
+                    started = time.perf_counter()
+                    try:
+                        r = await c.post(
+                            f"/v1/sales/{sale_id}/reservations",
+                            json={"user_id": f"{tag}-{n}-{i}", "sku": "unit", "quantity": 1},
+                        )
+                        good = r.status_code == 201
+                    except httpx.HTTPError:
+                        good = False
+                    done.latencies_ms.append((time.perf_counter() - started) * 1000)
+                    if good:
+                        done.ok += 1
+                    else:
+                        done.failed += 1
+
+            await asyncio.gather(*(loop(n) for n in range(concurrency)))
+        return done
+
+    out.put(asyncio.run(run()))
+
+
+async def hold_streams(
+    url: str, ops_key: str, sale_id: str, n: int, ready: asyncio.Event, stop: asyncio.Event, counts: list[int]
+) -> None:
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
+    timeout = httpx.Timeout(30, read=None)
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=timeout, headers={"Authorization": f"Bearer {ops_key}"}
+    ) as c:
+        first = asyncio.Barrier(n + 1) if n else None
+
+        async def one(k: int) -> None:
+            async with c.stream("GET", f"/v1/sales/{sale_id}/progress/stream") as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("event: progress"):
+                        counts[k] += 1
+                        if counts[k] == 1 and first is not None:
+                            await first.wait()
+                    if stop.is_set():
+                        return
+
+        tasks = [asyncio.create_task(one(k)) for k in range(n)]
+        if first is not None:
+            await first.wait()
+        ready.set()
+        await stop.wait()
+        await asyncio.sleep(1.1)  # every stream sees the stop at its next event
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def phase(
+    args: argparse.Namespace, url: str, keys: tuple[str, str], sale_id: str, streams: int, number: int
+) -> dict[str, Any]:
+    ops_key, store_key = keys
+    ready, stop = asyncio.Event(), asyncio.Event()
+    counts = [0] * streams
+    holder = asyncio.create_task(hold_streams(url, ops_key, sale_id, streams, ready, stop, counts))
+    await asyncio.wait_for(ready.wait(), 60)
+    before = sum(counts)
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[Driven] = ctx.Queue()
+    drivers = [
+        ctx.Process(
+            target=drive, args=(url, store_key, sale_id, f"p{number}d{d}", args.duration, args.concurrency, out)
+        )
+        for d in range(args.drivers)
+    ]
+    started = time.monotonic()
+    for p in drivers:
+        p.start()
+    results = [await asyncio.to_thread(out.get) for _ in drivers]
+    elapsed = time.monotonic() - started
+    events = sum(counts) - before
+    for p in drivers:
+        await asyncio.to_thread(p.join)
+    stop.set()
+    await holder
+    lat = sorted(x for r in results for x in r.latencies_ms)
+    ok = sum(r.ok for r in results)
+    return {
+        "streams": streams,
+        "seconds": round(args.duration, 1),
+        "reserved": ok,
+        "failed": sum(r.failed for r in results),
+        "per_s": ok / args.duration,
+        "p50_ms": statistics.median(lat) if lat else 0.0,
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0,
+        "events_per_stream_s": events / streams / elapsed if streams else 0.0,
+    }
+
+
+def create_sale(url: str, ops_key: str) -> str:
+    sale_id = f"sse-impact-{secrets.token_hex(3)}"
+    now = datetime.now(UTC)
+    r = httpx.post(
+        f"{url}/v1/sales",
+        headers={"Authorization": f"Bearer {ops_key}"},
+        timeout=10,
+        json={
+            "id": sale_id,
+            "name": "SSE impact",
+            "starts_at": (now - timedelta(seconds=1)).isoformat(),
+            "ends_at": (now + timedelta(hours=1)).isoformat(),
+            "hold_seconds": 3600,
+            "items": [{"sku": "unit", "name": "Unit", "price_cents": 1, "stock": 10**9, "per_user_limit": 1}],
+        },
+    )
+    r.raise_for_status()
+    return sale_id
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]["per_s"] or 1
+    lines = ["streams  seconds  reserved  failed  reservations/s  vs first  p50 ms  p99 ms  events/stream/s"]
+    for r in rows:
+        lines.append(
+            f"{r['streams']:>7}  {r['seconds']:>7}  {r['reserved']:>8}  {r['failed']:>6}  "
+            f"{r['per_s']:>14.0f}  {100 * (r['per_s'] / base - 1):>+7.1f}%  {r['p50_ms']:>6.1f}  "
+            f"{r['p99_ms']:>6.1f}  {r['events_per_stream_s']:>16.2f}"
+        )
+    means = {
+        n: statistics.mean(r["per_s"] for r in rows if r["streams"] == n)
+        for n in dict.fromkeys(r["streams"] for r in rows)
+    }
+    lines.append("mean reservations/s: " + ", ".join(f"{v:.0f} with {n} streams" for n, v in means.items()))
+    return "\n".join(lines)
+
+
+async def measure(args: argparse.Namespace, url: str, ops_key: str, store_key: str) -> str:
+    sale_id = create_sale(url, ops_key)
+    rows = []
+    for n, streams in enumerate(args.phases):
+        print(f"phase {n + 1}/{len(args.phases)}: {streams} open streams, {args.duration:.0f} s...", flush=True)
+        rows.append(await phase(args, url, (ops_key, store_key), sale_id, streams, n))
+    return table(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.sse_impact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--phases",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 200, 0, 200],
+        help="open streams in each phase, in order (default 0,200,0,200)",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of reservations per phase")
+    parser.add_argument("--drivers", type=int, default=2, help="driver processes")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per driver")
+    parser.add_argument("--workers", type=int, default=1, help="`flashsale serve --workers` (own service only)")
+    parser.add_argument("--url", help="a running service (OPS_KEY and STORE_KEY in the environment)")
+    args = parser.parse_args(argv)
+    print(f"{os.cpu_count()} CPUs; every process of the run shares them", flush=True)
+    if args.url:
+        result = asyncio.run(measure(args, args.url, os.environ["OPS_KEY"], os.environ["STORE_KEY"]))
+    else:
+        from loadtest.services import interrupt_on_sigterm, stack
+
+        interrupt_on_sigterm()
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        with stack(REPORTS / f"sse_impact-{stamp}.service.log") as s:
+            s.serve(workers=args.workers)
+            s.start_worker()
+            result = asyncio.run(measure(args, s.base_url, s.ops_key, s.store_key))
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)
