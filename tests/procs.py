@@ -19,12 +19,16 @@ from flashsale.settings import Settings
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
         "FLASHSALE_OPS_KEYS": ",".join(settings.ops_keys),
         "FLASHSALE_STOREFRONT_KEYS": ",".join(settings.storefront_keys),
-        "FLASHSALE_KEY_PREFIX": settings.key_prefix, "FLASHSALE_USER_RATE": str(settings.user_rate_per_s),
-        "FLASHSALE_SWEEP_MS": str(settings.sweep_interval_ms), "FLASHSALE_CLAIM_IDLE_MS": str(settings.claim_idle_ms),
-        "LOG_LEVEL": "WARNING", **extra,
+        "FLASHSALE_KEY_PREFIX": settings.key_prefix,
+        "FLASHSALE_USER_RATE": str(settings.user_rate_per_s),
+        "FLASHSALE_SWEEP_MS": str(settings.sweep_interval_ms),
+        "FLASHSALE_CLAIM_IDLE_MS": str(settings.claim_idle_ms),
+        "LOG_LEVEL": "WARNING",
+        **extra,
     }
 
 

@@ -28,8 +28,15 @@ def test_dev_runs_the_readme_examples_and_ctrl_c_leaves_nothing_behind(tmp_path:
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    dev = subprocess.Popen([sys.executable, "-m", "flashsale", "dev", "--port", str(port)], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "dev", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / ".flashsale-dev.env").exists():
@@ -42,8 +49,9 @@ def test_dev_runs_the_readme_examples_and_ctrl_c_leaves_nothing_behind(tmp_path:
         # Postgres is started by pg_ctl and is not our child: find it by its data directory.
         pg = [p for p in psutil.process_iter(["cmdline"]) if data_dir.group(1) in " ".join(p.info["cmdline"] or [])]
         assert pg, "the embedded Postgres is not running"
-        run = subprocess.run(["bash", "-e", "-c", readme_block()], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=60)
+        run = subprocess.run(
+            ["bash", "-e", "-c", readme_block()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         out = run.stdout
         assert '"status":"confirmed"' in out and '"status":"released"' in out and "no differences" in out

@@ -31,8 +31,9 @@ async def crowd(c: httpx.AsyncClient, sale_id: str, n: int, offset: int = 0) -> 
 
     async def one(i: int) -> str:
         async with sem:
-            r = await c.post(f"/v1/sales/{sale_id}/reservations",
-                             json={"user_id": f"u{offset + i}", "sku": "phone", "quantity": 1})
+            r = await c.post(
+                f"/v1/sales/{sale_id}/reservations", json={"user_id": f"u{offset + i}", "sku": "phone", "quantity": 1}
+            )
             assert r.status_code == 201, r.text
             rid: str = r.json()["reservation_id"]
             return rid
@@ -43,8 +44,9 @@ async def crowd(c: httpx.AsyncClient, sale_id: str, n: int, offset: int = 0) -> 
 async def test_persister_killed_mid_batch_loses_nothing_and_doubles_nothing(
     client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: Keys, pg: asyncpg.Connection
 ) -> None:
-    sale = await create_sale(client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": N,
-                                             "per_user_limit": 1}])
+    sale = await create_sale(
+        client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": N, "per_user_limit": 1}]
+    )
     rids = await crowd(client, sale["id"], N)
     # A trigger slows every insert so the kill lands while a batch is being written.
     await pg.execute("""
@@ -91,8 +93,9 @@ async def test_postgres_down_during_a_sale_reservations_go_on_and_the_backlog_dr
     task = asyncio.create_task(persister.run(stop))
     try:
         async with serving(settings) as url, httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c:
-            sale = await create_sale(c, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 1000,
-                                                "per_user_limit": 1}])
+            sale = await create_sale(
+                c, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 1000, "per_user_limit": 1}]
+            )
             before = await crowd(c, sale["id"], 100)
             await drained(redis, keys, sale["id"])
 

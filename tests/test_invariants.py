@@ -33,9 +33,14 @@ async def test_no_oversell_no_limit_breach_no_duplicate_nothing_lost_under_a_cro
     with procs.api(settings, workers=2) as url:
         limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
         async with httpx.AsyncClient(base_url=url, headers=STORE, limits=limits, timeout=60) as c:
-            sale = await create_sale(c, hold_seconds=2, items=[
-                {"sku": s, "name": s, "price_cents": 100, "stock": n, "per_user_limit": LIMIT}
-                for s, n in STOCK.items()])
+            sale = await create_sale(
+                c,
+                hold_seconds=2,
+                items=[
+                    {"sku": s, "name": s, "price_cents": 100, "stock": n, "per_user_limit": LIMIT}
+                    for s, n in STOCK.items()
+                ],
+            )
             sid = sale["id"]
             answers: list[tuple[str, str, int, dict[str, Any]]] = []  # (key, user, status, body)
 
@@ -44,9 +49,12 @@ async def test_no_oversell_no_limit_breach_no_duplicate_nothing_lost_under_a_cro
                 key = f"k-{n}"
                 body = {"user_id": user, "sku": rng.choice(list(STOCK)), "quantity": rng.choice((1, 1, 2))}
                 sends = 2 if n % 5 == 0 else 1  # every fifth request is sent twice at once, same key
-                results = await asyncio.gather(*(
-                    c.post(f"/v1/sales/{sid}/reservations", json=body, headers={"Idempotency-Key": key})
-                    for _ in range(sends)))
+                results = await asyncio.gather(
+                    *(
+                        c.post(f"/v1/sales/{sid}/reservations", json=body, headers={"Idempotency-Key": key})
+                        for _ in range(sends)
+                    )
+                )
                 for r in results:
                     answers.append((key, user, r.status_code, r.json()))
 
@@ -68,8 +76,9 @@ async def test_no_oversell_no_limit_breach_no_duplicate_nothing_lost_under_a_cro
             final: dict[str, str] = {}
             for n, (rid, body) in enumerate(sorted(created.items())):
                 if n % 3 == 0:
-                    r = await c.post(f"/v1/reservations/{rid}/confirm",
-                                     json={"user_id": body["user_id"], "payment_ref": f"pay-{n}"})
+                    r = await c.post(
+                        f"/v1/reservations/{rid}/confirm", json={"user_id": body["user_id"], "payment_ref": f"pay-{n}"}
+                    )
                     final[rid] = r.json()["status"] if r.status_code == 200 else "expired"
                 elif n % 3 == 1:
                     r = await c.post(f"/v1/reservations/{rid}/cancel", json={"user_id": body["user_id"]})
@@ -83,8 +92,9 @@ async def test_no_oversell_no_limit_breach_no_duplicate_nothing_lost_under_a_cro
                 available, held, confirmed = int(item["available"]), int(item["held"]), int(item["confirmed"])
                 assert held == 0
                 assert available + held + confirmed == total  # invariant 1, quiet
-                assert confirmed == sum(b["quantity"] for rid, b in created.items()
-                                        if b["sku"] == sku and final[rid] == "confirmed")
+                assert confirmed == sum(
+                    b["quantity"] for rid, b in created.items() if b["sku"] == sku and final[rid] == "confirmed"
+                )
             # Invariant 2: what a user ends up with stays within the limit (the next test checks holds).
             confirmed_units: dict[tuple[str, str], int] = defaultdict(int)
             for rid, b in created.items():
@@ -93,12 +103,16 @@ async def test_no_oversell_no_limit_breach_no_duplicate_nothing_lost_under_a_cro
             assert max(confirmed_units.values(), default=0) <= LIMIT
 
             await drained(redis, keys, sid, timeout=60)
-            in_pg = {r["id"]: r["status"] for r in await pg.fetch(
-                "SELECT id, status FROM reservations WHERE sale_id = $1", sid)}
+            in_pg = {
+                r["id"]: r["status"]
+                for r in await pg.fetch("SELECT id, status FROM reservations WHERE sale_id = $1", sid)
+            }
             assert in_pg == final  # invariants 3 and 4: every 201 is one row, with its final status
             per_user = await pg.fetch(
                 "SELECT user_id, sku, sum(quantity) AS units FROM reservations"
-                " WHERE sale_id = $1 AND status = 'confirmed' GROUP BY user_id, sku", sid)
+                " WHERE sale_id = $1 AND status = 'confirmed' GROUP BY user_id, sku",
+                sid,
+            )
             assert all(r["units"] <= LIMIT for r in per_user)
             assert (await reconcile(redis, pg, keys, sid)).differences == []  # invariant 6
 
@@ -115,12 +129,18 @@ async def test_concurrent_holds_never_pass_stock_or_the_user_limit(
     with procs.api(settings, workers=2) as url:
         limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
         async with httpx.AsyncClient(base_url=url, headers=STORE, limits=limits, timeout=60) as c:
-            sale = await create_sale(c, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 100,
-                                                "per_user_limit": LIMIT}])
-            results = await asyncio.gather(*(
-                c.post(f"/v1/sales/{sale['id']}/reservations",
-                       json={"user_id": f"u{rng.randrange(300)}", "sku": "phone", "quantity": rng.choice((1, 2))})
-                for _ in range(1500)))
+            sale = await create_sale(
+                c, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 100, "per_user_limit": LIMIT}]
+            )
+            results = await asyncio.gather(
+                *(
+                    c.post(
+                        f"/v1/sales/{sale['id']}/reservations",
+                        json={"user_id": f"u{rng.randrange(300)}", "sku": "phone", "quantity": rng.choice((1, 2))},
+                    )
+                    for _ in range(1500)
+                )
+            )
             held: dict[str, int] = defaultdict(int)
             for r in results:
                 if r.status_code == 201:

@@ -37,9 +37,26 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
         # positive_data_acceptance is left out: the API has rules JSON Schema cannot say
         # (ends_at after starts_at, one item per sku), so some schema-valid bodies are rightly 422.
         run = subprocess.run(
-            [str(st), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {OPS_KEY}",
-             "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-             "--max-examples", "25", "--seed", "1", "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"},
+            [
+                str(st),
+                "run",
+                f"{url}/openapi.json",
+                "-H",
+                f"Authorization: Bearer {OPS_KEY}",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "--max-examples",
+                "25",
+                "--seed",
+                "1",
+                "--report-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "NO_COLOR": "1"},
         )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

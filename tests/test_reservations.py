@@ -15,11 +15,13 @@ from flashsale.settings import Settings
 from .conftest import OPS, STORE, create_sale, sale_body, serving
 
 
-async def reserve(client: httpx.AsyncClient, sale_id: str, user: str = "u1", sku: str = "phone", qty: int = 1,
-                  key: str | None = None) -> httpx.Response:
+async def reserve(
+    client: httpx.AsyncClient, sale_id: str, user: str = "u1", sku: str = "phone", qty: int = 1, key: str | None = None
+) -> httpx.Response:
     headers = {"Idempotency-Key": key} if key else {}
-    return await client.post(f"/v1/sales/{sale_id}/reservations", json={"user_id": user, "sku": sku, "quantity": qty},
-                             headers=headers)
+    return await client.post(
+        f"/v1/sales/{sale_id}/reservations", json={"user_id": user, "sku": sku, "quantity": qty}, headers=headers
+    )
 
 
 async def item(client: httpx.AsyncClient, sale_id: str, sku: str = "phone") -> dict[str, int]:
@@ -46,8 +48,9 @@ async def test_a_hold_takes_units_out_of_available(client: httpx.AsyncClient) ->
 
 
 async def test_reservation_ids_are_unguessable_and_distinct(client: httpx.AsyncClient) -> None:
-    sale = await create_sale(client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 50,
-                                             "per_user_limit": 1}])
+    sale = await create_sale(
+        client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 50, "per_user_limit": 1}]
+    )
     ids = [(await reserve(client, sale["id"], user=f"u{n}")).json()["reservation_id"] for n in range(20)]
     assert len(set(ids)) == 20
     assert all(len(i.split(".")[1]) == 22 for i in ids)  # 16 random bytes, base64url
@@ -88,12 +91,16 @@ async def test_per_user_limit_refuses_the_unit_past_it(client: httpx.AsyncClient
 
 
 async def test_sold_out_when_not_enough_stock_is_left(client: httpx.AsyncClient) -> None:
-    sale = await create_sale(client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 3,
-                                             "per_user_limit": 5}])
+    sale = await create_sale(
+        client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 3, "per_user_limit": 5}]
+    )
     assert (await reserve(client, sale["id"], user="a", qty=2)).status_code == 201
     r = await reserve(client, sale["id"], user="b", qty=2)
     assert r.status_code == 409 and r.json()["error"] == {
-        "code": "sold_out", "message": "not enough stock left for the quantity asked", "available": 1}
+        "code": "sold_out",
+        "message": "not enough stock left for the quantity asked",
+        "available": 1,
+    }
 
 
 async def test_confirm_makes_it_confirmed_and_again_returns_the_same(client: httpx.AsyncClient) -> None:
@@ -196,8 +203,9 @@ async def test_reserving_before_the_window_opens_says_when_it_does(client: httpx
 
 async def test_a_sale_moves_from_scheduled_to_live_to_ended_by_its_window(client: httpx.AsyncClient) -> None:
     now = datetime.now(UTC)
-    sale = await create_sale(client, starts_at=(now + timedelta(seconds=0.5)).isoformat(),
-                             ends_at=(now + timedelta(seconds=1.2)).isoformat())
+    sale = await create_sale(
+        client, starts_at=(now + timedelta(seconds=0.5)).isoformat(), ends_at=(now + timedelta(seconds=1.2)).isoformat()
+    )
     assert sale["status"] == "scheduled"
     await asyncio.sleep(0.6)
     assert (await client.get(f"/v1/sales/{sale['id']}")).json()["status"] == "live"
@@ -209,8 +217,9 @@ async def test_a_sale_moves_from_scheduled_to_live_to_ended_by_its_window(client
 
 
 async def test_all_held_shows_next_release_not_sold_out(client: httpx.AsyncClient) -> None:
-    sale = await create_sale(client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 2,
-                                             "per_user_limit": 2}])
+    sale = await create_sale(
+        client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 2, "per_user_limit": 2}]
+    )
     held = (await reserve(client, sale["id"], qty=2)).json()
     view = (await client.get(f"/v1/sales/{sale['id']}")).json()
     assert view["status"] == "live"
@@ -218,8 +227,9 @@ async def test_all_held_shows_next_release_not_sold_out(client: httpx.AsyncClien
 
 
 async def test_sale_is_sold_out_only_when_nothing_is_available_or_held(client: httpx.AsyncClient) -> None:
-    sale = await create_sale(client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 1,
-                                             "per_user_limit": 1}])
+    sale = await create_sale(
+        client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 1, "per_user_limit": 1}]
+    )
     rid = (await reserve(client, sale["id"])).json()["reservation_id"]
     await client.post(f"/v1/reservations/{rid}/confirm", json={"user_id": "u1", "payment_ref": "p"})
     view = (await client.get(f"/v1/sales/{sale['id']}")).json()
@@ -227,10 +237,13 @@ async def test_sale_is_sold_out_only_when_nothing_is_available_or_held(client: h
 
 
 async def test_user_over_the_rate_gets_429_with_retry_after(settings: Settings, redis: Redis) -> None:
-    async with serving(dataclasses.replace(settings, user_rate_per_s=3)) as url, \
-            httpx.AsyncClient(base_url=url, headers=STORE) as c:
-        sale = await create_sale(c, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 10,
-                                            "per_user_limit": 10}])
+    async with (
+        serving(dataclasses.replace(settings, user_rate_per_s=3)) as url,
+        httpx.AsyncClient(base_url=url, headers=STORE) as c,
+    ):
+        sale = await create_sale(
+            c, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 10, "per_user_limit": 10}]
+        )
         codes = [(await reserve(c, sale["id"], user="greedy")).status_code for _ in range(5)]
         assert codes == [201, 201, 201, 429, 429]
         r = await reserve(c, sale["id"], user="greedy")
