@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
@@ -17,7 +18,7 @@ from flashsale.persister import Persister, write
 from flashsale.reconcile import reconcile
 from flashsale.settings import Settings
 
-from .conftest import create_sale, drained
+from .conftest import OPS, create_sale, drained
 from .test_reservations import reserve
 
 
@@ -192,3 +193,27 @@ async def test_an_item_dropped_from_the_sale_document_leaves_postgres_too(
     assert [r["sku"] for r in await pg.fetch("SELECT sku FROM items WHERE sale_id = $1", sale["id"])] == ["a"]
     await write(pg, sale["id"], [(entry_id, created)])  # the older event, replayed, changes nothing
     assert await pg.fetchval("SELECT count(*) FROM items WHERE sale_id = $1", sale["id"]) == 1
+
+
+async def test_postgres_gives_every_sale_the_status_the_api_gives(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    now = datetime.now(UTC)
+    one = [{"sku": "phone", "name": "P", "price_cents": 1, "stock": 1, "per_user_limit": 1}]
+    sales = {
+        "scheduled": await create_sale(client, starts_at=(now + timedelta(hours=1)).isoformat()),
+        "live": await create_sale(client, items=one),
+        "paused": await create_sale(client),
+        "ended": await create_sale(client, ends_at=(now + timedelta(seconds=0.5)).isoformat()),
+        "sold_out": await create_sale(client, items=one),
+    }
+    await client.post(f"/v1/sales/{sales['paused']['id']}/pause", headers=OPS)
+    rid = (await reserve(client, sales["sold_out"]["id"])).json()["reservation_id"]
+    await client.post(f"/v1/reservations/{rid}/confirm", json={"user_id": "u1", "payment_ref": "p"})
+    await asyncio.sleep(0.6)  # the "ended" sale's window closes: nothing is written, the status moves anyway
+    for sale in sales.values():
+        await drained(redis, keys, sale["id"])
+    for expected, sale in sales.items():
+        api = (await client.get(f"/v1/sales/{sale['id']}")).json()["status"]
+        stored = await pg.fetchval("SELECT status FROM sale_status WHERE id = $1", sale["id"])
+        assert (api, stored) == (expected, expected)
