@@ -5,10 +5,12 @@ open ``/progress/stream`` connections, in one run, against one service.
     python -m loadtest.sse_impact --phases 0,200,0,200 --duration 10 --drivers 2 --concurrency 32
     FLASHSALE_URL=http://... OPS_KEY=... STORE_KEY=... python -m loadtest.sse_impact --url "$FLASHSALE_URL"
 
-Each phase opens its streams (and waits until each has had an event), then driver processes,
-each with one httpx client and ``--concurrency`` requests in flight, reserve one unit each for a
-new user for ``--duration`` seconds. Streams are held by this process; drivers are separate
-processes so that reading the streams does not take the drivers' CPU. Prints one row per phase.
+Each phase opens its streams (and waits until each has had an event), then reserves one unit
+for a new user per request for ``--duration`` seconds, ``--drivers`` x ``--concurrency`` requests
+in flight: from wrk (``loadtest/wrk/reserve.lua``; C, a few microseconds of CPU a request, so the
+generator does not eat the server's core) when it is installed, else from httpx driver processes.
+Streams are held by this process. Prints one row per phase; alternate phases (0,200,0,200) so
+that drift on a shared machine shows up as spread rather than as an effect.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import re
 import secrets
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +34,10 @@ from typing import Any
 
 import httpx
 
+from loadtest.bench import RESERVE_LUA, Result, parse_wrk
+
 REPORTS = Path(__file__).resolve().parent / "reports"
+AT = re.compile(r'"at":"([^"]+)"')
 
 
 @dataclass
@@ -84,24 +92,30 @@ def drive(
 
 
 async def hold_streams(
-    url: str, ops_key: str, sale_id: str, n: int, ready: asyncio.Event, stop: asyncio.Event, counts: list[int]
+    url: str, ops_key: str, sale_id: str, n: int, ready: asyncio.Event, stop: asyncio.Event, ats: list[list[float]]
 ) -> None:
+    """Holds ``n`` streams and notes the server's ``at`` of every event each one gets. A client
+    short of CPU reads late, so events are counted by when the server made them, not by arrival;
+    after ``stop`` every stream reads on until it has an event made after the stop (or 5 s)."""
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
     timeout = httpx.Timeout(30, read=None)
     async with httpx.AsyncClient(
         base_url=url, limits=limits, timeout=timeout, headers={"Authorization": f"Bearer {ops_key}"}
     ) as c:
         first = asyncio.Barrier(n + 1) if n else None
+        stopped_at = [0.0]
 
         async def one(k: int) -> None:
             async with c.stream("GET", f"/v1/sales/{sale_id}/progress/stream") as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
-                    if line.startswith("event: progress"):
-                        counts[k] += 1
-                        if counts[k] == 1 and first is not None:
-                            await first.wait()
-                    if stop.is_set():
+                    found = AT.search(line) if line.startswith("data:") else None
+                    if found is None:
+                        continue
+                    ats[k].append(datetime.fromisoformat(found[1]).timestamp())
+                    if len(ats[k]) == 1 and first is not None:
+                        await first.wait()
+                    if stop.is_set() and ats[k][-1] > stopped_at[0]:
                         return
 
         tasks = [asyncio.create_task(one(k)) for k in range(n)]
@@ -109,10 +123,19 @@ async def hold_streams(
             await first.wait()
         ready.set()
         await stop.wait()
-        await asyncio.sleep(1.1)  # every stream sees the stop at its next event
+        stopped_at[0] = time.time()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def made_per_s(ats: list[list[float]], start: float, end: float) -> float:
+    """Events per stream per second that the server made between ``start`` and ``end``."""
+    if not ats or end <= start:
+        return 0.0
+    return sum(start <= at <= end for one in ats for at in one) / len(ats) / (end - start)
 
 
 async def phase(
@@ -120,24 +143,37 @@ async def phase(
 ) -> dict[str, Any]:
     ops_key, store_key = keys
     ready, stop = asyncio.Event(), asyncio.Event()
-    counts = [0] * streams
-    holder = asyncio.create_task(hold_streams(url, ops_key, sale_id, streams, ready, stop, counts))
+    ats: list[list[float]] = [[] for _ in range(streams)]
+    holder = asyncio.create_task(hold_streams(url, ops_key, sale_id, streams, ready, stop, ats))
     await asyncio.wait_for(ready.wait(), 60)
-    before = sum(counts)
+    wall = time.time()
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[Driven] = ctx.Queue()
     drivers = [
         ctx.Process(
             target=drive, args=(url, store_key, sale_id, f"p{number}d{d}", args.duration, args.concurrency, out)
         )
-        for d in range(args.drivers)
+        for d in range(args.drivers if args.driver == "httpx" else 0)
     ]
-    started = time.monotonic()
+    if args.driver == "wrk":
+        result = await asyncio.to_thread(wrk_drive, args, url, store_key, sale_id, f"p{number}")
+        wall_end = time.time()
+        stop.set()
+        await holder
+        return {
+            "streams": streams,
+            "seconds": round(args.duration, 1),
+            "reserved": result.requests - result.non_2xx,
+            "failed": result.non_2xx + result.socket_errors,
+            "per_s": result.rps * (1 - result.non_2xx / max(1, result.requests)),
+            "p50_ms": result.p50_ms,
+            "p99_ms": result.p99_ms,
+            "events_per_stream_s": made_per_s(ats, wall + 1, wall_end - 1),
+        }
     for p in drivers:
         p.start()
     results = [await asyncio.to_thread(out.get) for _ in drivers]
-    elapsed = time.monotonic() - started
-    events = sum(counts) - before
+    wall_end = time.time()
     for p in drivers:
         await asyncio.to_thread(p.join)
     stop.set()
@@ -152,8 +188,17 @@ async def phase(
         "per_s": ok / args.duration,
         "p50_ms": statistics.median(lat) if lat else 0.0,
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0,
-        "events_per_stream_s": events / streams / elapsed if streams else 0.0,
+        "events_per_stream_s": made_per_s(ats, wall + 1, wall_end - 1),
     }
+
+
+def wrk_drive(args: argparse.Namespace, url: str, store_key: str, sale_id: str, tag: str) -> Result:
+    """The same load from wrk: one C thread, so the generator takes little of the server's CPU."""
+    path = f"/v1/sales/{sale_id}/reservations"
+    cmd = ["wrk", "-t1", f"-c{args.drivers * args.concurrency}", f"-d{args.duration:g}s", "--latency"]
+    cmd += ["--timeout", "10s", "-s", str(RESERVE_LUA), f"{url}{path}", "--", path, "unit", store_key, tag]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, check=True).stdout
+    return parse_wrk(tag, out)
 
 
 def create_sale(url: str, ops_key: str) -> str:
@@ -213,7 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         help="open streams in each phase, in order (default 0,200,0,200)",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of reservations per phase")
-    parser.add_argument("--drivers", type=int, default=2, help="driver processes")
+    parser.add_argument(
+        "--driver",
+        choices=("wrk", "httpx"),
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="what makes the reservations: wrk (default when installed) or httpx driver processes",
+    )
+    parser.add_argument(
+        "--drivers", type=int, default=2, help="driver processes (httpx); wrk opens drivers x concurrency connections"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per driver")
     parser.add_argument("--workers", type=int, default=1, help="`flashsale serve --workers` (own service only)")
     parser.add_argument("--url", help="a running service (OPS_KEY and STORE_KEY in the environment)")

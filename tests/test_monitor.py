@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from flashsale import db
-from flashsale.keys import Keys
+from flashsale.keys import WORKER_TTL_MS, Keys
 from flashsale.monitor import Monitor
 from flashsale.persister import Persister
 from flashsale.settings import Settings
@@ -152,6 +152,35 @@ async def test_progress_counts_live_persisters(client: httpx.AsyncClient, worker
     while (await progress(client, sale))["workers_alive"] != 1:
         assert time.monotonic() < deadline, "the persister's heartbeat was not counted"
         await asyncio.sleep(0.2)
+
+
+async def test_a_persister_silent_past_its_heartbeat_is_not_counted(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = (await create_sale(client))["id"]
+    now = int(time.time() * 1000)
+    await redis.zadd(keys.workers, {"gone": now - WORKER_TTL_MS - 1, "here": now})
+    assert (await progress(client, sale))["workers_alive"] == 1
+    assert await redis.zrange(keys.workers, 0, -1) == ["here"]  # the dead one is dropped, not kept forever
+
+
+async def test_a_persister_that_stops_cleanly_leaves_the_count_at_once(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    sale = (await create_sale(client))["id"]
+    pool = await db.create_pool(settings.database_url, 2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Persister(redis, pool, keys, settings).run(stop))
+    try:
+        deadline = time.monotonic() + 5
+        while (await progress(client, sale))["workers_alive"] != 1:
+            assert time.monotonic() < deadline, "the persister's heartbeat was not counted"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await task
+        await pool.close()
+    assert (await progress(client, sale))["workers_alive"] == 0
 
 
 async def test_progress_rates_are_reservations_attempts_and_rejections_per_second(

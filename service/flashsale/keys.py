@@ -12,6 +12,9 @@ from dataclasses import dataclass
 GROUP = "persister"  # consumer group on every sale's event stream
 
 
+WORKER_TTL_MS = 10_000  # a persister silent this long is not counted alive
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "fs"
@@ -26,12 +29,12 @@ class Keys:
     def sweeper_lock(self) -> str:
         return f"{self.prefix}:sweeper:lock"
 
-    # STRING per persister process, PX 10 s, refreshed every loop: "workers alive".
-    def worker(self, name: str) -> str:
-        return f"{self.prefix}:worker:{name}"
-
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+    # ZSET: persister consumer name -> its last heartbeat (unix ms), refreshed every loop; removed
+    # on a clean stop, and entries older than WORKER_TTL_MS are dropped by whoever counts them.
+    # One key, counted in O(log N): never a SCAN over the keyspace, which grows with every hold.
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
     def _sale(self, sale_id: str) -> str:
         return f"{self.prefix}:{{{sale_id}}}"

@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import metrics
 from .errors import ApiError
-from .keys import Keys
+from .keys import WORKER_TTL_MS, Keys
 from .queue import backlog
 from .sales import instant, now_ms, sale_status
 from .schemas import (
@@ -151,8 +151,6 @@ class Monitor:
         self._asked: dict[str, float] = {}
         self._watches: dict[str, Watch] = {}
         self._tickers: set[asyncio.Task[None]] = set()
-        self._workers = (float("-inf"), 0)
-        self._workers_lock = asyncio.Lock()
         self._postgres_ok = True
 
     async def progress(self, sale_id: str) -> SaleProgress:
@@ -231,12 +229,12 @@ class Monitor:
         return n
 
     async def workers_alive(self) -> int:
-        """Persister heartbeat keys, counted with SCAN at most once a second for the whole process."""
-        async with self._workers_lock:
-            if time.monotonic() - self._workers[0] >= TICK_S:
-                found = {key async for key in self.redis.scan_iter(match=self.keys.worker_pattern(), count=1000)}
-                self._workers = (time.monotonic(), len(found))
-            return self._workers[1]
+        """Persisters whose heartbeat is fresh, from one sorted set (clocks kept within seconds)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(self.keys.workers, "-inf", f"({int(time.time() * 1000) - WORKER_TTL_MS}")
+        pipe.zcard(self.keys.workers)
+        _, alive = await pipe.execute()
+        return int(alive)
 
     def _remember(self, sale_id: str, now: Counters) -> RateWindows:
         """Rates against the snapshots kept so far; keeps this one if a second has passed."""

@@ -188,11 +188,11 @@ class Persister:
                 log.warning("redis unreachable, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-        await self.redis.delete(self.keys.worker(self.name))
+        await self.redis.zrem(self.keys.workers, self.name)
         log.info("persister stopped", extra={"consumer": self.name, "written": self.written})
 
     async def step(self, stop: asyncio.Event) -> None:
-        await self.redis.set(self.keys.worker(self.name), "1", px=10_000)
+        await self.redis.zadd(self.keys.workers, {self.name: int(time.time() * 1000)})
         streams = await self.streams()
         if not streams:
             await asyncio.sleep(self.settings.persist_block_ms / 1000)
