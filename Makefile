@@ -32,7 +32,7 @@ mypy: $(VENV)/.installed
 check: lint mypy test
 
 loadtest: $(VENV)/.installed  ## a locust scenario against the whole service; last line PASS or FAIL: ...
-	$(PY) -m loadtest.run --scenario $(SCENARIO) --duration $(DURATION) --users $(USERS)
+	$(PY) -m loadtest.run --scenario $(SCENARIO) --duration $(DURATION) --users $(USERS) $(if $(PROCESSES),--processes $(PROCESSES))
 
 bench: $(VENV)/.installed  ## throughput and latency against reference designs, with wrk (installed if missing)
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (Debian package)"; \

@@ -1,13 +1,16 @@
 """What the load-test clients saw, as plain data: written by the locust process at test stop,
-read by the verdict. No locust or gevent import here, so any process can load it."""
+read by the verdict. No locust or gevent import here, so any process can load it.
+
+With ``locust --processes N`` each worker process writes its own :class:`Part` and the master
+joins them with :func:`merge` into the one :class:`Records` the verdict reads."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -111,6 +114,23 @@ class Records:
         if status in FINAL and body.get("updated_at"):
             known.final_ms = ms(body["updated_at"])
 
+    def merge_acked(self, a: Acked) -> None:
+        """Adds a reservation another process acknowledged: the most telling status wins (a final
+        one over ``unknown`` over ``held``); two different final statuses, or one reservation
+        acknowledged for two different requests, are anomalies."""
+        known = self.acked.get(a.rid)
+        if known is None:
+            self.acked[a.rid] = dataclasses.replace(a)
+            return
+        if (known.user, known.sku, known.qty) != (a.user, a.sku, a.qty):
+            self.anomaly(
+                f"{a.rid} acknowledged for {known.user} {known.sku} x{known.qty} and {a.user} {a.sku} x{a.qty}"
+            )
+        if known.status in FINAL and a.status in FINAL and a.status != known.status:
+            self.anomaly(f"{a.rid} seen {known.status} then {a.status}")
+        elif _rank(a.status) > _rank(known.status):
+            known.status, known.final_ms = a.status, a.final_ms
+
     def unsure(self, rid: str) -> None:
         """A confirm or cancel got no answer: whether it happened is unknown."""
         known = self.acked.get(rid)
@@ -138,13 +158,88 @@ class Records:
 
     @classmethod
     def load(cls, path: Path) -> Records:
-        raw = json.loads(path.read_text())
+        return cls.from_json(json.loads(path.read_text()))
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Records:
+        raw = dict(raw)
         raw.pop("units_won_by_user", None)
         raw["answers"] = Counter(raw["answers"])
         raw["acked"] = {rid: Acked(**a) for rid, a in raw["acked"].items()}
         raw["by_key"] = {k: set(v) for k, v in raw["by_key"].items()}
         raw["abusers"] = set(raw["abusers"])
         return cls(**raw)
+
+
+def _rank(status: str) -> int:
+    return 2 if status in FINAL else 1 if status == "unknown" else 0
+
+
+@dataclass
+class Part:
+    """The records of one locust worker process, with the raw response times behind them (so the
+    merged percentiles are exact: percentiles of percentiles would not be)."""
+
+    pids: list[int]
+    records: Records
+    samples: dict[str, list[float]] = field(default_factory=dict)  # endpoint -> response times, ms
+    failures: dict[str, int] = field(default_factory=dict)  # endpoint -> failed requests
+
+    def save(self, path: Path) -> None:
+        """Whole or not at all (written aside, then renamed): the master polls for these files."""
+        body = {
+            "pids": self.pids,
+            "records": self.records.to_json(),
+            "samples": self.samples,
+            "failures": self.failures,
+        }
+        aside = path.with_name(path.name + ".tmp")
+        aside.write_text(json.dumps(body))
+        aside.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Part:
+        raw = json.loads(path.read_text())
+        return cls(raw["pids"], Records.from_json(raw["records"]), raw["samples"], raw["failures"])
+
+
+def merge(parts: Sequence[Part]) -> Part:
+    """The parts of one run as if one process had seen every answer. Counts add up; acknowledged
+    reservations and the reservations per Idempotency-Key are unions, so a key answered with one
+    reservation in one process and another in a second is still a duplicate; response times are
+    put together. Latency, error rate and expectations are left to compute from the result."""
+    if not parts:
+        raise ValueError("no records to merge")
+    first = parts[0].records
+    rec = Records(
+        scenario=first.scenario,
+        sale=first.sale,
+        base_url=first.base_url,
+        users=first.users,
+        duration_s=first.duration_s,
+    )
+    rec.started_at = min(p.records.started_at for p in parts)
+    samples: dict[str, list[float]] = defaultdict(list)
+    failures: Counter[str] = Counter()
+    for part in parts:
+        one = part.records
+        if one.sale.get("id") != first.sale.get("id"):
+            raise ValueError(f"records of two sales: {first.sale.get('id')} and {one.sale.get('id')}")
+        rec.attempts += one.attempts
+        rec.answers.update(one.answers)
+        rec.server_errors += one.server_errors
+        rec.abusers |= one.abusers
+        for key, rids in one.by_key.items():
+            rec.by_key.setdefault(key, set()).update(rids)
+        for a in one.acked.values():
+            rec.merge_acked(a)
+        for text in one.anomalies:
+            rec.anomaly(text)
+        rec.notes += [n for n in one.notes if n not in rec.notes]
+        for name, times in part.samples.items():
+            samples[name] += times
+        failures.update(part.failures)
+    return Part([pid for p in parts for pid in p.pids], rec, dict(samples), dict(failures))
 
 
 def peak(intervals: Iterable[tuple[int, int, int]]) -> int:

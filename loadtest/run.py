@@ -3,9 +3,11 @@
     python -m loadtest.run --scenario flash_crowd --duration 60s --users 2000
 
 Brings up Redis, Postgres (throwaway ones unless REDIS_URL / DATABASE_URL are set), the API and
-the persister; runs the scenario's locustfile headless in one process; the locustfile creates
-its sale, records every answer, waits for the queue to drain and checks the invariants. Writes
-``loadtest/reports/<scenario>-<time>.{html,json,txt,records.json,locust.log,service.log}``. The last line
+the persister; runs the scenario's locustfile headless, in one process or with ``--processes N``
+in N worker processes and a master; the locustfile creates its sale, records every answer, waits
+for the queue to drain and checks the invariants (over the records of every process). Writes
+``loadtest/reports/<scenario>-<time>.{html,json,txt,records.json,locust.log,service.log}`` (and
+``.records.<pid>.json`` per worker process). The last line
 printed is ``PASS`` or ``FAIL: <reasons>``; the exit code agrees (0, 1; 130 on Ctrl-C).
 """
 
@@ -45,14 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--spawn-rate", type=float, default=0.0, help="users started per second (default: scenario)")
     parser.add_argument("--serve-workers", type=int, default=int(os.environ.get("LOADTEST_SERVE_WORKERS", "1")))
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=int(os.environ.get("LOADTEST_PROCESSES", "1")),
+        help="locust worker processes making the load (locust --processes; default 1: no master, no workers)",
+    )
     parser.add_argument("--reports", type=Path, default=REPORTS)
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be 1 or more")
     scenario = SCENARIOS[args.scenario]
     run_s = seconds(args.duration)
     rate = args.spawn_rate or max(1.0, args.users / scenario.spawn_seconds)
     prefix = args.reports.resolve() / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     interrupt_on_signals()
-    print(f"{scenario.name}: {scenario.about}; {args.users} users at {rate:.0f}/s for {run_s:.0f} s", flush=True)
+    load = f"{args.users} users at {rate:.0f}/s for {run_s:.0f} s"
+    load += f" in {args.processes} locust worker processes" if args.processes > 1 else ""
+    print(f"{scenario.name}: {scenario.about}; {load}", flush=True)
     locust_exit: int | None = None
     try:
         with stack(prefix.with_suffix(".service.log")) as s:
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--html",
                     str(prefix.with_suffix(".html")),
                     "--only-summary",
+                    *(["--processes", str(args.processes)] if args.processes > 1 else []),
                 ],
                 {"LOADTEST_OUT": str(prefix), "LOADTEST_RUNNER": "1"},
                 pipe=True,
@@ -103,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         print(f"FAIL: the service could not be run: {exc}")
         return 1
-    return _report(prefix, locust_exit)
+    return _report(prefix, locust_exit, args.processes)
 
 
-def _report(prefix: Path, locust_exit: int | None) -> int:
+def _report(prefix: Path, locust_exit: int | None, processes: int = 1) -> int:
     verdict_path = prefix.with_suffix(".json")
     if not verdict_path.exists():
         print(f"FAIL: no verdict (locust exited {locust_exit}); see {prefix.with_suffix('.service.log')}")
@@ -114,7 +127,8 @@ def _report(prefix: Path, locust_exit: int | None) -> int:
     verdict = json.loads(verdict_path.read_text())
     print()
     print(prefix.with_suffix(".txt").read_text().rstrip().rsplit("\n", 1)[0])
-    print(f"  reports: {prefix}.{{html,json,txt,records.json,locust.log,service.log}}")
+    parts = ",records.<pid>.json" if processes > 1 else ""
+    print(f"  reports: {prefix}.{{html,json,txt,records.json{parts},locust.log,service.log}}")
     if verdict["pass"] and locust_exit != 0:
         print(f"FAIL: locust exited {locust_exit} although every invariant held")
         return 1

@@ -2,8 +2,21 @@
 client that records every answer, a progress line, and at test stop the verdict.
 
 A scenario module calls :func:`install` with a function that builds its sale and defines its
-users as subclasses of :class:`Shopper`. Everything lives in this one locust process (no
-``--processes``): the records must all be in one place to be checked.
+users as subclasses of :class:`Shopper`. By default everything lives in one locust process.
+
+With ``locust --processes N`` (``python -m loadtest.run --processes N``) the master creates the
+sale, once, at its test_start and sends it to every worker in a custom message (``loadtest_sale``);
+each worker records what its own users see and at its test_stop writes ``PREFIX.records.<pid>.json``
+(a :class:`~loadtest.records.Part`); the master waits for one such file per worker, merges them
+(:func:`~loadtest.records.merge`) into ``PREFIX.records.json`` and runs the verdict once.
+
+Why a message for the sale, not a file: it travels on locust's own connection, on which the master
+sends it before any spawn message (test_start fires before the spawn jobs are sent, and messages to
+one worker keep their order), so a worker knows the sale before its first user starts; there is no
+path to agree on, no polling, no stale file of an earlier run, and it works for workers on other
+machines too. Belt and braces: a worker that has no sale at its test_start asks for it
+(``loadtest_sale_please``), and users wait for it. The records come back as files instead, one per
+worker (megabytes, written aside then renamed), which also leaves them for a reader to audit.
 """
 
 from __future__ import annotations
@@ -26,12 +39,15 @@ from typing import Any
 
 import gevent
 import requests
+from gevent.event import Event
 from gevent.pool import Group
 from locust import FastHttpUser, events
 from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
+from locust.rpc import Message
+from locust.runners import MasterRunner, WorkerRunner
 
-from loadtest.records import Records, percentiles
+from loadtest.records import Part, Records, merge, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("loadtest")
@@ -39,6 +55,9 @@ log = logging.getLogger("loadtest")
 SaleFactory = Callable[[int, float], dict[str, Any]]  # (users, run seconds) -> the sale body
 Expectations = Callable[[Records], list[str]]  # unmet scenario expectations
 GIVES_UP = "[gives up]"  # endpoint names with this suffix are expected to time out
+SALE_MESSAGE = "loadtest_sale"  # master -> workers: the sale and the run's settings
+ASK_MESSAGE = "loadtest_sale_please"  # worker -> master: a worker with no sale at its test_start
+SALE_WAIT_S = 30.0  # how long a user waits for the sale to reach its worker
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,8 @@ class Answer:
 
 @dataclass
 class Run:
-    """The state of this locust run: one scenario, one sale."""
+    """The state of this locust process's run: one scenario, one sale. ``role`` is ``local`` (one
+    process), ``master`` (creates the sale, merges and judges; has no users) or ``worker``."""
 
     scenario: str
     make_sale: SaleFactory
@@ -74,11 +94,21 @@ class Run:
     failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     stopped: bool = False
     ticker: gevent.Greenlet | None = None
+    role: str = "local"
+    sale_known: Event = field(default_factory=Event)
+    workers: set[str] = field(default_factory=set)  # master: the workers told the sale
+    reports: dict[str, dict[str, int]] = field(default_factory=dict)  # master: each worker's counts
+    finisher: gevent.Greenlet | None = None  # master: waits for the workers' records, then judges
+
+    def wait_records(self) -> Records:
+        if self.records is None:
+            self.sale_known.wait(SALE_WAIT_S)
+        assert self.records is not None, "no sale: test_start did not run or the sale never reached this worker"
+        return self.records
 
     @property
     def sale(self) -> dict[str, Any]:
-        assert self.records is not None, "no sale: test_start did not run"
-        return self.records.sale
+        return self.wait_records().sale
 
 
 RUN: Run | None = None
@@ -94,9 +124,13 @@ def install(scenario: str, make_sale: SaleFactory, expect: Expectations | None =
     """Hooks this scenario into locust's events; call once, at the top of the locustfile."""
     global RUN
     RUN = Run(scenario, make_sale, expect)
+    events.init.add_listener(_on_init)
     events.test_start.add_listener(_on_test_start)
     events.test_stop.add_listener(_on_test_stop)
     events.request.add_listener(_on_request)
+    events.report_to_master.add_listener(_on_report_to_master)
+    events.worker_report.add_listener(_on_worker_report)
+    events.quitting.add_listener(_on_quitting)
 
 
 def sale_window(opens_in: float = 0.0, hours: int = 2) -> dict[str, str]:
@@ -118,8 +152,64 @@ def _options(environment: Environment) -> tuple[int, float]:
     return users, seconds
 
 
+def _on_init(environment: Environment, **_: Any) -> None:
+    """Runs in each process once its runner exists (after locust's fork, if any)."""
+    r = run()
+    r.helpers, r.sale_known = Group(), Event()  # this process's own, not the ones inherited over fork
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        r.role = "master"
+        runner.register_message(ASK_MESSAGE, _on_sale_asked)
+    elif isinstance(runner, WorkerRunner):
+        r.role = "worker"
+        runner.register_message(SALE_MESSAGE, _on_sale_told)
+
+
+def _sale_message(r: Run) -> dict[str, Any]:
+    rec = r.wait_records()
+    return {
+        "sale": rec.sale,
+        "host": rec.base_url,
+        "users": rec.users,
+        "seconds": rec.duration_s,
+        "started_at": rec.started_at,
+        "out": str(r.out),
+    }
+
+
+def _on_sale_asked(environment: Environment, msg: Message, **_: Any) -> None:
+    """Master: a worker had no sale at its test_start (it connected late, say): tell it."""
+    r = run()
+    if r.records is not None and environment.runner is not None:
+        r.workers.add(msg.node_id)
+        environment.runner.send_message(SALE_MESSAGE, _sale_message(r), msg.node_id)
+
+
+def _on_sale_told(environment: Environment, msg: Message, **_: Any) -> None:
+    """Worker: the sale the master created, and the run's settings its records need."""
+    r = run()
+    d = msg.data
+    if r.records is not None and r.records.sale["id"] == d["sale"]["id"]:
+        return
+    r.out = Path(d["out"])
+    r.records = Records(
+        scenario=r.scenario,
+        sale=d["sale"],
+        base_url=d["host"],
+        users=int(d["users"]),
+        duration_s=float(d["seconds"]),
+        started_at=float(d["started_at"]),
+    )
+    r.stopped = False
+    r.sale_known.set()
+
+
 def _on_test_start(environment: Environment, **_: Any) -> None:
     r = run()
+    if r.role == "worker":  # the sale comes from the master, before this (see the module's docstring)
+        if r.records is None and environment.runner is not None:
+            environment.runner.send_message(ASK_MESSAGE)
+        return
     if not r.ops_key or not r.store_key:
         _abort(environment, "OPS_KEY and STORE_KEY must be set (python -m loadtest.run sets them)")
         return
@@ -152,6 +242,12 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         body["id"],
         ", ".join(f"{i['sku']} stock {i['stock']} limit {i['per_user_limit']}" for i in body["items"]),
     )
+    r.sale_known.set()
+    if r.role == "master" and environment.runner is not None:
+        assert isinstance(environment.runner, MasterRunner)
+        r.workers = {c.id for c in environment.runner.clients.all}
+        environment.runner.send_message(SALE_MESSAGE, _sale_message(r))
+        log.info("sale %s sent to %d worker processes", body["id"], len(r.workers))
     r.ticker = gevent.spawn(_progress, environment, seconds)
 
 
@@ -171,6 +267,22 @@ def _on_request(
         r.failures[name] += 1
 
 
+def _counts(rec: Records) -> dict[str, int]:
+    return {"attempts": rec.attempts, "won": len(rec.acked), "units": sum(a.qty for a in rec.acked.values())}
+
+
+def _on_report_to_master(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    """Worker: its counts ride along with locust's stats reports, for the master's progress line."""
+    rec = run().records
+    if rec is not None:
+        data["loadtest"] = _counts(rec)
+
+
+def _on_worker_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    if isinstance(data.get("loadtest"), dict):
+        run().reports[client_id] = data["loadtest"]
+
+
 def _progress(environment: Environment, seconds: float) -> None:
     """One line every few seconds, so a long run shows it is alive and how it goes."""
     every = float(os.environ.get("LOADTEST_PROGRESS_S", "5"))
@@ -182,13 +294,20 @@ def _progress(environment: Environment, seconds: float) -> None:
         if rec is None or environment.runner is None:
             continue
         stats = environment.runner.stats.total
-        won = sum(a.qty for a in rec.acked.values())
+        counts = _counts(rec)
+        if r.role == "master":  # the users are in the workers: add up what they last reported
+            counts = {k: sum(c.get(k, 0) for c in r.reports.values()) for k in counts}
         print(
             f"[{r.scenario}] {time.monotonic() - begun:5.0f}s/{seconds:.0f}s users {environment.runner.user_count}"
             f"  requests {stats.num_requests} ({stats.current_rps:.0f}/s, failed {stats.num_failures})"
-            f"  reserve attempts {rec.attempts}, won {len(rec.acked)} ({won} units)",
+            f"  reserve attempts {counts['attempts']}, won {counts['won']} ({counts['units']} units)",
             flush=True,
         )
+
+
+def part_path(out: Path, pid: int) -> Path:
+    """Where a worker process writes its records: ``PREFIX.records.<pid>.json``."""
+    return out.with_name(f"{out.name}.records.{pid}.json")
 
 
 def _on_test_stop(environment: Environment, **_: Any) -> None:
@@ -199,13 +318,72 @@ def _on_test_stop(environment: Environment, **_: Any) -> None:
     if r.ticker is not None:
         r.ticker.kill(block=False)
     r.helpers.kill(block=True, timeout=5)
-    rec = r.records
+    if r.role == "worker":
+        path = part_path(r.out, os.getpid())
+        Part([os.getpid()], r.records, dict(r.latency), dict(r.failures)).save(path)
+        print(
+            f"[{r.scenario}] worker {os.getpid()}: {r.records.attempts} reserve attempts, records in {path}", flush=True
+        )
+    elif r.role == "master":
+        # On a --run-time quit the master's test_stop comes before the workers are told to stop:
+        # wait for their records in a greenlet of its own; the quitting listener waits for it.
+        r.finisher = gevent.spawn(_merge_and_judge, environment)
+    else:
+        _judge(environment, r.records, r.latency, r.failures)
+
+
+def _merge_and_judge(environment: Environment) -> None:
+    r = run()
+    rec = r.wait_records()
+    patience = float(os.environ.get("LOADTEST_RECORDS_TIMEOUT", "60"))
+    deadline = time.monotonic() + patience
+    paths: list[Path] = []
+    while time.monotonic() < deadline:
+        paths = sorted(r.out.parent.glob(f"{r.out.name}.records.[0-9]*.json"))
+        if len(paths) >= len(r.workers):
+            break
+        gevent.sleep(0.2)
+    try:
+        parts = [p for p in map(Part.load, paths) if p.records.sale.get("id") == rec.sale["id"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parts = []
+        log.error("unreadable worker records: %r", exc)
+    if len(parts) < len(r.workers):
+        log.error(
+            "records of %d of %d worker processes did not come in %.0f s: no verdict",
+            len(r.workers) - len(parts),
+            len(r.workers),
+            patience,
+        )
+        environment.process_exit_code = 1
+        return
+    merged = merge([Part([], rec), *parts])  # the master's own: the sale and the run's settings
+    merged.records.notes.append(
+        f"records of {len(parts)} locust worker processes merged; reservation attempts by pid: "
+        + ", ".join(f"{p.pids[0]} {p.records.attempts}" for p in sorted(parts, key=lambda p: p.pids))
+    )
+    _judge(environment, merged.records, merged.samples, merged.failures)
+
+
+def _on_quitting(environment: Environment, **_: Any) -> None:
+    """Master: locust's exit code is read after this returns; the verdict has to be in by then."""
+    r = run()
+    if r.finisher is not None:
+        timeout = float(os.environ.get("LOADTEST_RECORDS_TIMEOUT", "60"))
+        r.finisher.join(timeout + float(os.environ.get("LOADTEST_VERDICT_TIMEOUT", "240")) + 30)
+        if not r.finisher.successful():
+            environment.process_exit_code = 1
+
+
+def _judge(environment: Environment, rec: Records, samples: dict[str, list[float]], failures: dict[str, int]) -> None:
+    """Latency, error rate and expectations from all the records; then the verdict, in a plain process."""
+    r = run()
     total = failed = 0
-    for name, samples in sorted(r.latency.items()):
-        rec.latency[name] = {**percentiles(samples), "errors": r.failures.get(name, 0)}
+    for name, times in sorted(samples.items()):
+        rec.latency[name] = {**percentiles(times), "errors": failures.get(name, 0)}
         if not name.endswith(GIVES_UP):
-            total += len(samples)
-            failed += r.failures.get(name, 0)
+            total += len(times)
+            failed += failures.get(name, 0)
     rec.error_rate = failed / total if total else 0.0
     if r.expect is not None:
         rec.expectations = r.expect(rec)
@@ -252,14 +430,15 @@ class Shopper(FastHttpUser):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         self.user_id = f"{self.user_prefix}{next(_numbers)}"
+        if isinstance(environment.runner, WorkerRunner):  # each worker counts from 1: tell them apart
+            index = environment.runner.worker_index
+            self.user_id += f"-w{index if index >= 0 else os.getpid()}"
         self.client.auth_header = f"Bearer {run().store_key}"
         self.done = False
 
     @property
     def records(self) -> Records:
-        rec = run().records
-        assert rec is not None
-        return rec
+        return run().wait_records()
 
     @property
     def sale(self) -> dict[str, Any]:

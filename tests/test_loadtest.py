@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 import pytest
 from loadtest.bench import parse_wrk
-from loadtest.records import FOREVER, Acked, Records, peak
+from loadtest.records import FOREVER, Acked, Part, Records, merge, peak
 from loadtest.verdict import Verdict, check_client, drain
 from redis.asyncio import Redis
 
@@ -47,7 +47,7 @@ CREATE TRIGGER loadtest_drop BEFORE INSERT ON reservations FOR EACH ROW EXECUTE 
 
 
 async def run_scenario(
-    settings: Settings, reports: Path, scenario: str, users: int, duration: str, **env: str
+    settings: Settings, reports: Path, scenario: str, users: int, duration: str, processes: int = 1, **env: str
 ) -> tuple[int, list[str], dict[str, Any]]:
     """Runs ``python -m loadtest.run`` to the end; returns its exit code, its lines and the verdict."""
     proc = await asyncio.create_subprocess_exec(
@@ -62,6 +62,8 @@ async def run_scenario(
         duration,
         "--reports",
         str(reports),
+        "--processes",
+        str(processes),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -88,7 +90,7 @@ async def run_scenario(
                 os.killpg(proc.pid, signal.SIGKILL)
         raise
     lines = out.decode(errors="replace").strip().splitlines()
-    verdicts = sorted(p for p in reports.glob(f"{scenario}-*.json") if not p.name.endswith(".records.json"))
+    verdicts = sorted(p for p in reports.glob(f"{scenario}-*.json") if ".records." not in p.name)
     verdict = json.loads(verdicts[-1].read_text()) if verdicts else {}
     return proc.returncode or 0, lines, verdict
 
@@ -100,6 +102,21 @@ async def test_flash_crowd_keeps_every_invariant(settings: Settings, redis: Redi
     assert code == 0
     assert (verdict["oversold"], verdict["lost"], verdict["duplicates"]) == (0, 0, 0)
     assert verdict["acknowledged"] > 0
+
+
+@pytest.mark.timeout(200)
+async def test_flash_crowd_in_two_locust_processes_is_judged_on_the_records_of_both(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 200, "8s", processes=2)
+    assert lines[-1] == "PASS", "\n".join(lines[-60:])
+    assert code == 0
+    parts = [Part.load(p) for p in tmp_path.glob("flash_crowd-*.records.[0-9]*.json")]
+    assert len({p.pids[0] for p in parts}) == len(parts) == 2
+    assert all(p.records.attempts > 0 for p in parts)  # both worker processes made load
+    assert verdict["attempts"] == sum(p.records.attempts for p in parts)
+    assert verdict["acknowledged"] == sum(len(p.records.acked) for p in parts) > 0
+    assert any("records of 2 locust worker processes merged" in n for n in verdict["notes"])
 
 
 @pytest.mark.timeout(200)
@@ -168,6 +185,30 @@ def test_a_hold_released_before_another_starts_is_no_oversell() -> None:
     rec = records(first, hold("r2", "u2", 10, 100), hold("r3", "u3", 40, 100))
     assert check_client(v, rec) == (0, 0)
     assert v.oversold == 0
+
+
+def test_records_of_two_processes_merge_and_one_key_answered_in_both_is_a_duplicate(tmp_path: Path) -> None:
+    first = records(hold("r1", "u1", 0, 10), hold("r2", "u2", 5, 100, "confirmed"), by_key={"u1 k": {"r1"}})
+    first.attempts, first.answers["reserve 201"] = 2, 2
+    second = records(hold("r3", "u1", 20, 30), hold("r2", "u2", 5, 100), by_key={"u1 k": {"r3"}})
+    second.attempts, second.answers["reserve 201"] = 3, 2
+    second.answers["reserve 409 sold_out"] = 1
+    for pid, rec, times in ((11, first, [5.0, 1.0]), (12, second, [3.0, 2.0, 4.0])):
+        Part([pid], rec, {"POST reserve": times}, {"POST reserve": pid - 11}).save(tmp_path / f"p.records.{pid}.json")
+    assert check_client(Verdict("unit", "s", 1, 1), first) == (0, 0)  # neither process alone sees it
+    assert check_client(Verdict("unit", "s", 1, 1), second) == (0, 0)
+
+    merged = merge([Part.load(tmp_path / f"p.records.{pid}.json") for pid in (11, 12)])
+    rec = merged.records
+    assert merged.pids == [11, 12]
+    assert (rec.attempts, dict(rec.answers)) == (5, {"reserve 201": 4, "reserve 409 sold_out": 1})
+    assert sorted(rec.acked) == ["r1", "r2", "r3"] and rec.acked["r2"].status == "confirmed"
+    assert rec.by_key["u1 k"] == {"r1", "r3"}
+    assert sorted(merged.samples["POST reserve"]) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert merged.failures == {"POST reserve": 1}
+    v = Verdict("unit", "s", 1, 1)
+    assert check_client(v, rec) == (1, 0)
+    assert "idempotency key 'u1 k' answered with 2 reservations" in v.details
 
 
 def no_progress(request: httpx.Request) -> httpx.Response:
