@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update")
+NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update", "sale_view")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Scripts:
     sale_control: AsyncScript
     restock: AsyncScript
     sale_update: AsyncScript
+    sale_view: AsyncScript
 
     @classmethod
     def load(cls, redis: Redis, lua_dir: Path) -> Scripts:
