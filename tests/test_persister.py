@@ -134,8 +134,36 @@ async def test_an_entry_postgres_keeps_refusing_is_dead_lettered_after_max_deliv
         await pool.close()
     assert await rows(pg, sale["id"]) == {good: "held"}
     dead = await entries(redis, keys.dead(sale["id"]))
-    assert [d[1]["reason"] for d in dead] == ["failed too many times"]
+    assert [d[1]["reason"] for d in dead] == ["refused by postgres 2 times"]
     assert persister.dead_lettered == 1
+    assert await redis.hlen(keys.refused(sale["id"])) == 0
+
+
+async def test_an_entry_delivered_many_times_without_a_refusal_is_still_persisted(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    """Workers that crash, or restart during an outage, deliver an entry again and again;
+    that alone must never dead-letter an acknowledged reservation."""
+    sale = await create_sale(client)
+    rid = (await reserve(client, sale["id"])).json()["reservation_id"]
+    stream = keys.events(sale["id"])
+    await redis.xreadgroup(GROUP, "crashed-0", {stream: ">"})
+    for n in range(1, 10):  # each takeover by a worker that then died counts one more delivery
+        await redis.xautoclaim(stream, GROUP, f"crashed-{n}", 0, "0-0")
+    pending = await redis.xpending_range(stream, GROUP, "-", "+", 10)
+    assert min(int(p["times_delivered"]) for p in pending) > settings.max_deliveries
+    fast = dataclasses.replace(settings, claim_idle_ms=100)
+    pool = await db.create_pool(settings.database_url, 2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Persister(redis, pool, keys, fast).run(stop))
+    try:
+        await drained(redis, keys, sale["id"])
+    finally:
+        stop.set()
+        await task
+        await pool.close()
+    assert await rows(pg, sale["id"]) == {rid: "held"}
+    assert await redis.xlen(keys.dead(sale["id"])) == 0
 
 
 async def test_entries_left_pending_by_a_dead_consumer_are_claimed(

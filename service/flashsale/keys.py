@@ -71,6 +71,12 @@ class Keys:
     def dead(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:dead"
 
+    # HASH entry id -> times Postgres refused that entry's data (DataError, constraint). Only
+    # refusals count toward dead-lettering, never deliveries: an outage or a crash-looping worker
+    # must not turn an acknowledged order into a dead letter. Field deleted once the entry is done.
+    def refused(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:refused"
+
     # STRING "rid|fingerprint": scoped to (sale, user, key); lives with the sale, no TTL.
     def idempotency(self, sale_id: str, user_id: str, key: str) -> str:
         # The user's length goes first so that ("a:b", "c") and ("a", "b:c") never collide.

@@ -2,8 +2,9 @@
 
 Every event carries the whole reservation, so any one of them can create the row; a final
 status never goes back to ``held``; entries are XACKed only after their batch committed.
-Entries left pending by a dead worker are claimed (XAUTOCLAIM) and finished; an entry that
-keeps failing goes to the sale's dead-letter stream. When Postgres is down the batch is
+Entries left pending by a dead worker are claimed (XAUTOCLAIM) and finished; an entry whose
+data Postgres keeps refusing goes to the sale's dead-letter stream (an outage never does: a
+delivery is not a failure). When Postgres is down the batch is
 retried with backoff and the backlog simply waits in Redis.
 """
 
@@ -17,7 +18,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import asyncpg
 import msgspec
@@ -230,19 +231,11 @@ class Persister:
                     stream, GROUP, self.name, self.settings.claim_idle_ms, start, count=self.settings.persist_batch
                 ),
             )
-            if deleted:
-                await self.redis.xack(stream, GROUP, *deleted)
+            for entry_id in deleted:  # trimmed while pending: must not happen; never pass it by silently
+                await self.dead_letter(stream, sale_id, entry_id, {}, "gone from the stream before it was persisted")
             if entries:
-                pending = await self.redis.xpending_range(
-                    stream, GROUP, entries[0][0], entries[-1][0], len(entries), consumername=self.name
-                )
-                tries: dict[str, int] = {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
-                worn = [e for e in entries if tries.get(e[0], 0) > self.settings.max_deliveries]
-                for entry_id, fields in worn:
-                    await self.dead_letter(stream, sale_id, entry_id, fields, "failed too many times")
-                live = [e for e in entries if tries.get(e[0], 0) <= self.settings.max_deliveries]
                 log.info("claimed pending entries", extra={"stream": stream, "claimed": len(entries)})
-                await self.handle(stream, sale_id, live, stop)
+                await self.handle(stream, sale_id, entries, stop)
             if start == "0-0":
                 return
 
@@ -256,34 +249,53 @@ class Persister:
                 await self.dead_letter(stream, sale_id, entry_id, fields, f"malformed: {exc!r}")
         if not good:
             return
-        if await self.write(sale_id, good, stop):
-            await self.redis.xack(stream, GROUP, *(e[0] for e in good))
-            self.written += len(good)
-            metrics.committed([e[0] for e in good])
-            log.info("batch persisted", extra={"sale_id": sale_id, "entries": len(good)})
-        elif len(good) > 1:
-            # Something in the batch is poison: write the rest one by one; the bad one stays
-            # pending and is dead-lettered after max_deliveries claims.
+        outcome = await self.write(sale_id, good, stop)
+        if outcome == "written":
+            await self.done(stream, sale_id, good)
+        elif outcome == "refused":
+            # Something in the batch is poison: write them one by one. A refused entry stays pending
+            # (claimed again later) until Postgres has refused it max_deliveries times.
             for entry in good:
-                if await self.write(sale_id, [entry], stop):
-                    await self.redis.xack(stream, GROUP, entry[0])
-                    self.written += 1
-                    metrics.committed([entry[0]])
+                single = await self.write(sale_id, [entry], stop)
+                if single == "written":
+                    await self.done(stream, sale_id, [entry])
+                elif single == "refused":
+                    await self.refused(stream, sale_id, entry)
+                else:
+                    return
 
-    async def write(self, sale_id: str, entries: Sequence[Entry], stop: asyncio.Event) -> bool:
-        """True once committed, False if the entries themselves are bad (or we are stopping)."""
+    async def done(self, stream: str, sale_id: str, entries: Sequence[Entry]) -> None:
+        ids = [e[0] for e in entries]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.hdel(self.keys.refused(sale_id), *ids)
+        await pipe.execute()
+        self.written += len(entries)
+        metrics.committed(ids)
+        log.info("batch persisted", extra={"sale_id": sale_id, "entries": len(entries)})
+
+    async def refused(self, stream: str, sale_id: str, entry: Entry) -> None:
+        times = await self.redis.hincrby(self.keys.refused(sale_id), entry[0], 1)
+        if times >= self.settings.max_deliveries:
+            await self.dead_letter(stream, sale_id, entry[0], entry[1], f"refused by postgres {times} times")
+            await self.redis.hdel(self.keys.refused(sale_id), entry[0])
+
+    async def write(
+        self, sale_id: str, entries: Sequence[Entry], stop: asyncio.Event
+    ) -> Literal["written", "refused", "stopped"]:
+        """Retries while Postgres is unreachable; "refused" only when Postgres rejects the data."""
         backoff = 0.1
         while True:
             try:
                 async with self.pool.acquire() as conn:
                     await write(conn, sale_id, entries)
-                return True
+                return "written"
             except POISON as exc:
                 log.error("entries refused by postgres", extra={"sale_id": sale_id, "error": repr(exc)})
-                return False
+                return "refused"
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if stop.is_set():
-                    return False
+                    return "stopped"
                 log.warning("postgres unavailable, batch waits %.1fs: %r", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -298,9 +310,11 @@ class Persister:
 
     async def trim(self, stream: str) -> None:
         """Drops entries every consumer is done with, so the stream does not grow for ever."""
-        summary = await self.redis.xpending(stream, GROUP)
+        # last-delivered first, pending second: an entry delivered between the two reads is
+        # pending at the second, so the floor never passes an entry not yet acknowledged.
         groups = await self.redis.xinfo_groups(stream)
         delivered = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), None)
+        summary = await self.redis.xpending(stream, GROUP)
         floor = summary["min"] if summary and summary.get("pending") else delivered
         if floor and floor != "0-0":
             await self.redis.xtrim(stream, minid=floor, approximate=False)
