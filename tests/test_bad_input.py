@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from .conftest import OPS, STORE, create_sale, sale_body
 
 GOOD = {"user_id": "u1", "sku": "phone", "quantity": 1}
 RID = "SALE.AAAAAAAAAAAAAAAAAAAAAA"
+CURSOR_5000 = base64.urlsafe_b64encode(b"9" * 5000 + b":demo").decode().rstrip("=")
 
 # (name, method, path, body as bytes or JSON, extra headers, status, code)
 CASES: list[tuple[str, str, str, Any, dict[str, str], int, str]] = [
@@ -169,6 +171,47 @@ CASES: list[tuple[str, str, str, Any, dict[str, str], int, str]] = [
         "invalid_request",
     ),
     ("sale id with a brace", "POST", "/v1/sales", sale_body("a{b}"), OPS, 422, "invalid_request"),
+    ("sale id ending in a newline", "POST", "/v1/sales", sale_body("other\n"), OPS, 422, "invalid_request"),
+    (
+        "user_id ending in a newline",
+        "POST",
+        "/v1/sales/SALE/reservations",
+        {**GOOD, "user_id": "u1\n"},
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "sale ending in the year 9999",
+        "POST",
+        "/v1/sales",
+        sale_body("other", ends_at="9999-12-31T23:59:59-05:00"),
+        OPS,
+        422,
+        "invalid_request",
+    ),
+    (
+        "sale starting before 2000",
+        "POST",
+        "/v1/sales",
+        sale_body("other", starts_at="1969-12-31T00:00:00+00:00"),
+        OPS,
+        422,
+        "invalid_request",
+    ),
+    (
+        "patch to the year 9999",
+        "PATCH",
+        "/v1/sales/SALE",
+        {"ends_at": "9999-12-31T23:59:59+00:00"},
+        OPS,
+        422,
+        "invalid_request",
+    ),
+    ("list limit in superscript digits", "GET", "/v1/sales?limit=%C2%B2", None, OPS, 422, "invalid_request"),
+    ("list limit of 5000 digits", "GET", "/v1/sales?limit=" + "9" * 5000, None, OPS, 422, "invalid_request"),
+    ("cursor with a superscript score", "GET", "/v1/sales?cursor=wrI6ZGVtbw", None, OPS, 422, "invalid_request"),
+    ("cursor with a 5000-digit score", "GET", "/v1/sales?cursor=" + CURSOR_5000, None, OPS, 422, "invalid_request"),
 ]
 
 
@@ -188,7 +231,13 @@ async def test_bad_request_gets_a_json_error_and_changes_nothing(
 ) -> None:
     sale = await create_sale(client)
     sid = sale["id"]
-    before = (await redis.hgetall(keys.item(sid, "phone")), await redis.xlen(keys.events(sid)))
+    state = (keys.item(sid, "phone"), keys.events(sid), keys.sale(sid), keys.sales)
+    before = (
+        await redis.hgetall(state[0]),
+        await redis.xlen(state[1]),
+        await redis.hgetall(state[2]),
+        await redis.zcard(state[3]),
+    )
     content = body if isinstance(body, bytes) else None
     r = await client.request(
         method,
@@ -203,7 +252,12 @@ async def test_bad_request_gets_a_json_error_and_changes_nothing(
     assert error["code"] == code and error["message"]
     if status == 405:
         assert "GET" in r.headers["allow"]
-    after = (await redis.hgetall(keys.item(sid, "phone")), await redis.xlen(keys.events(sid)))
+    after = (
+        await redis.hgetall(state[0]),
+        await redis.xlen(state[1]),
+        await redis.hgetall(state[2]),
+        await redis.zcard(state[3]),
+    )
     assert after == before
     assert await redis.exists(keys.sale("other")) == 0
 

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from .errors import ApiError
 from .sales import Sales
-from .schemas import RestockIn, SalePatch
+from .schemas import DIGITS, RestockIn, SalePatch
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -31,7 +31,7 @@ def _limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ApiError("invalid_request", f"limit must be a whole number from 1 to {MAX_LIMIT}", fields=["limit"])
     return int(raw)
 

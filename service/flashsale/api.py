@@ -28,16 +28,15 @@ from .keys import Keys
 from .middleware import RequestLog
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import CancelIn, ConfirmIn, Health, ReserveIn, SaleIn, encoder
+from .schemas import SLUG, CancelIn, ConfirmIn, Health, ReserveIn, SaleIn, encoder
 from .scripts import Scripts
 from .settings import Settings
 
 log = logging.getLogger("flashsale.api")
 T = TypeVar("T")
 MAX_BODY = 16 * 1024
-SLUG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
-USER_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
+USER_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}(?!\n)$")
 FIELD = re.compile(r"at `\$\.([A-Za-z_]+)")
 
 
@@ -63,7 +62,7 @@ def json(body: msgspec.Struct | dict[str, Any], status: int = 200) -> Response:
 async def body(request: Request, type_: type[T]) -> T:
     """The request body, at most 16 KiB, decoded and validated as ``type_``."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
+    if declared.isascii() and declared.isdigit() and (len(declared) > 15 or int(declared) > MAX_BODY):
         raise ApiError("invalid_request", "body is over 16 KiB", status=400)
     raw = b""
     async for chunk in request.stream():

@@ -41,6 +41,7 @@ from .keys import WORKER_TTL_MS, Keys
 from .queue import backlog
 from .sales import instant, now_ms, sale_status
 from .schemas import (
+    SLUG,
     Error,
     ErrorBody,
     ItemOut,
@@ -66,7 +67,6 @@ FORGET_S = 300.0  # the ring of a sale nobody asked about for this long is dropp
 SNAPSHOT_TRIES = 5
 PERSISTED_TIMEOUT_S = 1.0
 METRICS_SALES = 100  # /metrics reports the newest this many sales that have not ended
-SLUG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 COUNT_PERSISTED = "SELECT count(*) FROM reservations WHERE sale_id = $1"
 STATIC = Path(__file__).parent / "static"
 

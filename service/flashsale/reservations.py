@@ -17,7 +17,7 @@ from .schemas import Reservation
 from .scripts import Scripts
 from .settings import Settings
 
-RID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.[A-Za-z0-9_-]{22}$")
+RID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.[A-Za-z0-9_-]{22}(?!\n)$")
 FIELDS = ("rid", "sku", "user", "qty", "status", "created_ms", "expires_ms", "final_ms", "payment_ref")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from redis.asyncio import Redis
 
 from .errors import ApiError
 from .keys import GROUP, Keys
-from .schemas import MAX_STOCK, SLUG_PATTERN, ItemIn, ItemOut, SaleIn, SaleOut, SalePage, SalePatch, SaleStatus
+from .schemas import DIGITS, MAX_STOCK, SLUG, ItemIn, ItemOut, SaleIn, SaleOut, SalePage, SalePatch, SaleStatus
 from .scripts import Scripts
 
 ITEM_FIELDS = ("stock_total", "available", "held", "confirmed", "per_user_limit")
@@ -29,7 +28,6 @@ UPDATE_REFUSED = {
     "ended": "the sale has ended: its window and items can no longer change",
     "taken": "an item's new stock is below the units already held or confirmed",
 }
-SLUG = re.compile(SLUG_PATTERN)
 
 
 def ms(at: datetime) -> int:
@@ -57,7 +55,20 @@ def sale_status(state: str, starts: int, ends: int, now: int, items: Sequence[It
     return "live"
 
 
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+def in_range(**times: datetime | object) -> None:
+    """Times from 2000 to 3000: wide for any sale, and inside what every layer (Python's
+    datetime, Lua's doubles, Postgres) can hold and give back."""
+    for name, at in times.items():
+        if isinstance(at, datetime) and not EARLIEST <= at < LATEST:
+            raise ApiError("invalid_request", f"{name} must be from the year 2000 to 2999", fields=[name])
+
+
 def validate(sale: SaleIn) -> None:
+    in_range(starts_at=sale.starts_at, ends_at=sale.ends_at)
     if sale.ends_at <= sale.starts_at:
         raise ApiError("invalid_request", "ends_at must be after starts_at", fields=["ends_at"])
     unique_skus(sale.items)
@@ -241,6 +252,7 @@ class Sales:
         Only a change of items can conflict (with another such change); then it reads again."""
         k = self.keys
         items = patch.items if isinstance(patch.items, list) else []
+        in_range(starts_at=patch.starts_at, ends_at=patch.ends_at)
         unique_skus(items)
         skus = [i.sku for i in items]
         times = [ms(t) if isinstance(t, datetime) else "" for t in (patch.starts_at, patch.ends_at)]
@@ -318,6 +330,6 @@ def _read_cursor(cursor: str) -> tuple[int, str]:
         score, _, sale_id = text.partition(":")
     except ValueError:  # not base64, not ASCII, not UTF-8
         score, sale_id = "", ""
-    if not score.isdigit() or not SLUG.match(sale_id):
+    if not DIGITS.fullmatch(score) or not SLUG.match(sale_id):
         raise ApiError("invalid_request", "cursor is not one this API gave out", fields=["cursor"])
     return int(score), sale_id

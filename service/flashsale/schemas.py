@@ -3,17 +3,21 @@ OpenAPI schemas all come from these one set of types."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-SLUG_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# `(?!\n)$`, not a bare `$`: in Python `$` also matches before a final newline ("id\n").
+SLUG_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
+SLUG = re.compile(SLUG_PATTERN)
+DIGITS = re.compile(r"[0-9]{1,15}")  # a whole number from a query string or header, ASCII only
 MAX_STOCK = 10**9  # Redis Lua's cjson writes integers past 14 digits as floats: stay well below
 Slug = Annotated[str, Meta(pattern=SLUG_PATTERN, description="letters, digits, _ and -, at most 64")]
-UserId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
-Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+UserId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")]
 Quantity = Annotated[int, Meta(ge=1, le=1_000_000)]
 Instant = Annotated[datetime, Meta(tz=True, description="ISO 8601 with offset")]
 HoldSeconds = Annotated[int, Meta(ge=1, le=86_400)]
@@ -64,7 +68,7 @@ class ReserveIn(Struct, forbid_unknown_fields=True):
 
 class ConfirmIn(Struct, forbid_unknown_fields=True):
     user_id: UserId
-    payment_ref: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    payment_ref: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")]
 
 
 class CancelIn(Struct, forbid_unknown_fields=True):
