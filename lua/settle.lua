@@ -43,6 +43,8 @@ if action == 'expire' then
     if r[4] == 'held' and tonumber(r[5]) <= now then
       release(KEYS[i], ARGV[i - 1], r, 'expired', 'expired')
       n = n + 1
+    elseif r[4] ~= 'held' then
+      redis.call('ZREM', KEYS[3], ARGV[i - 1])  -- settled already: only its index entry was left
     end
   end
   return n

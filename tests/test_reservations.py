@@ -10,7 +10,9 @@ import httpx
 from redis.asyncio import Redis
 
 from flashsale.keys import Keys
+from flashsale.scripts import Scripts
 from flashsale.settings import Settings
+from flashsale.sweeper import sweep_once
 
 from .conftest import OPS, STORE, create_sale, sale_body, serving
 
@@ -160,6 +162,26 @@ async def test_a_hold_expires_and_its_units_return_within_two_seconds(client: ht
     assert (await item(client, sale["id"]))["available"] == 10
     r = await client.get(f"/v1/reservations/{body['reservation_id']}", params={"user_id": "u1"})
     assert r.json()["status"] == "expired"
+
+
+async def test_one_sweep_expires_every_due_hold_however_many_fell_due_together(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    lazy = dataclasses.replace(settings, sweep_interval_ms=60_000)
+    async with serving(lazy) as url, httpx.AsyncClient(base_url=url, headers=STORE) as c:
+        await asyncio.sleep(0.1)  # let the sweeper's first tick pass
+        sale = await create_sale(
+            c, hold_seconds=1, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 50, "per_user_limit": 1}]
+        )
+        await asyncio.gather(*(reserve(c, sale["id"], user=f"u{n}") for n in range(35)))
+        holds = keys.holds(sale["id"], "phone")
+        await redis.zadd(holds, {f"{sale['id']}.settled-but-still-indexed": 1})  # must not stall the sweep
+        await asyncio.sleep(1.1)
+        scripts = Scripts.load(redis, lazy.lua_dir)
+        assert await sweep_once(redis, keys, scripts, batch=10) == 35
+        assert await redis.zcard(holds) == 0
+        phone = await item(c, sale["id"])
+        assert (phone["available"], phone["held"]) == (50, 0)
 
 
 async def test_confirm_after_expiry_is_refused_before_the_sweeper_runs(settings: Settings, redis: Redis) -> None:

@@ -24,7 +24,8 @@ log = logging.getLogger("flashsale.sweeper")
 
 
 async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> int:
-    """Expires every due hold of every sale; returns how many it expired."""
+    """Expires every due hold of every sale, ``batch`` per script call, until none is due (a
+    crowd's holds all fall due together: one batch a tick would fall behind); returns how many."""
     sale_ids = cast(list[str], await redis.zrange(keys.sales, 0, -1))
     if not sale_ids:
         return 0
@@ -40,8 +41,11 @@ async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> 
         pipe.zrangebyscore(keys.holds(sale_id, sku), "-inf", now, start=0, num=batch)
     expired = 0
     for (sale_id, sku), rids in zip(pairs, await pipe.execute(), strict=True):
-        if rids:
+        while rids:
             expired += await _expire(scripts, keys, sale_id, sku, rids)
+            if len(rids) < batch:
+                break
+            rids = await redis.zrangebyscore(keys.holds(sale_id, sku), "-inf", now, start=0, num=batch)
     return expired
 
 
