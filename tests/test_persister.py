@@ -245,3 +245,35 @@ async def test_postgres_gives_every_sale_the_status_the_api_gives(
         api = (await client.get(f"/v1/sales/{sale['id']}")).json()["status"]
         stored = await pg.fetchval("SELECT status FROM sale_status WHERE id = $1", sale["id"])
         assert (api, stored) == (expected, expected)
+
+
+async def wait_retired(redis: Redis, keys: Keys, sale_id: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await redis.zscore(keys.active, sale_id) is not None:
+        assert asyncio.get_running_loop().time() < deadline, "the sale was not retired"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_sale_over_with_no_hold_and_nothing_queued_leaves_the_active_set(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    now = datetime.now(UTC)
+    sale = await create_sale(client, ends_at=(now + timedelta(seconds=0.5)).isoformat(), hold_seconds=1)
+    rid = (await reserve(client, sale["id"])).json()["reservation_id"]
+    assert await redis.zscore(keys.active, sale["id"]) is not None
+    await wait_retired(redis, keys, sale["id"])
+    assert await rows(pg, sale["id"]) == {rid: "expired"}  # its hold was swept and persisted first
+    assert await redis.zscore(keys.sales, sale["id"]) is not None  # still listed and readable
+    assert (await client.get(f"/v1/sales/{sale['id']}")).json()["status"] == "ended"
+
+
+async def test_ending_a_retired_sale_still_reaches_postgres(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    now = datetime.now(UTC)
+    sale = await create_sale(client, ends_at=(now + timedelta(seconds=0.3)).isoformat(), hold_seconds=1)
+    await wait_retired(redis, keys, sale["id"])
+    assert await pg.fetchval("SELECT state FROM sales WHERE id = $1", sale["id"]) == "active"
+    assert (await client.post(f"/v1/sales/{sale['id']}/end", headers=OPS)).status_code == 200
+    await drained(redis, keys, sale["id"])
+    assert await pg.fetchval("SELECT state FROM sales WHERE id = $1", sale["id"]) == "ended"

@@ -24,6 +24,14 @@ class Keys:
     def sales(self) -> str:
         return f"{self.prefix}:sales"
 
+    # ZSET sale_id -> ms after which the sale can make no new event by itself (ends_ms + hold_ms;
+    # an ops action raises it). What the sweeper and the persister go over, so that their work
+    # follows the sales still going, not every sale ever made. The persister removes a sale once
+    # that time has passed and it has no hold and no unpersisted event (lua/retire.lua).
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:active"
+
     # STRING, PX ~1 s: whoever holds it runs the expiry sweep for this tick.
     @property
     def sweeper_lock(self) -> str:

@@ -24,11 +24,15 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from . import metrics
 from .keys import GROUP, Keys
+from .queue import backlog
+from .sales import now_ms
 from .schemas import SaleIn
+from .scripts import Scripts
 from .settings import Settings
 
 log = logging.getLogger("flashsale.persister")
@@ -162,21 +166,51 @@ class Persister:
     written: int = 0
     dead_lettered: int = 0
     _streams: dict[str, str] = field(default_factory=dict)
+    _until: dict[str, float] = field(default_factory=dict)  # sale id -> its score in the active set
     _streams_at: float = 0.0
+    _retired_at: float = 0.0
+    _retire: AsyncScript = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._retire = Scripts.load(self.redis, self.settings.lua_dir).retire
+
     _claimed_at: float = 0.0
     _trimmed_at: float = 0.0
 
     async def streams(self) -> dict[str, str]:
-        """stream key -> sale id for every sale, refreshed once a second."""
+        """stream key -> sale id for every active sale, refreshed once a second."""
         if time.monotonic() - self._streams_at > 1.0:
-            sale_ids = cast(list[str], await self.redis.zrange(self.keys.sales, 0, -1))
+            active = cast(list[tuple[str, float]], await self.redis.zrange(self.keys.active, 0, -1, withscores=True))
             pipe = self.redis.pipeline(transaction=False)
-            for s in sale_ids:
+            for s, _ in active:
                 pipe.exists(self.keys.events(s))
             exists = await pipe.execute()
-            self._streams = {self.keys.events(s): s for s, e in zip(sale_ids, exists, strict=True) if e}
+            self._streams = {self.keys.events(s): s for (s, _), e in zip(active, exists, strict=True) if e}
+            self._until = dict(active)
             self._streams_at = time.monotonic()
         return self._streams
+
+    async def retire(self) -> None:
+        """Takes out of the active set each sale whose time is over, with no hold left and every
+        event in Postgres: from then on no tick of the sweeper or the persister spends on it."""
+        now = now_ms()
+        for sale_id, until in list(self._until.items()):
+            if until > now:
+                continue
+            skus = cast(str | None, await self.redis.hget(self.keys.sale(sale_id), "skus")) or ""
+            pipe = self.redis.pipeline(transaction=False)
+            for sku in filter(None, skus.split(",")):
+                pipe.zcard(self.keys.holds(sale_id, sku))
+            if any(await pipe.execute()):
+                continue
+            stream = self.keys.events(sale_id)  # made with its group by sale_create
+            queued = await self.redis.exists(stream) and (await backlog(self.redis, self.keys, sale_id)).events
+            if queued:
+                continue
+            if await self._retire(keys=[self.keys.active], args=[sale_id, int(until)]):
+                log.info("sale retired from the active set", extra={"sale_id": sale_id})
+                self._until.pop(sale_id, None)
+                self._streams.pop(self.keys.events(sale_id), None)
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("persister started", extra={"consumer": self.name})
@@ -195,6 +229,9 @@ class Persister:
     async def step(self, stop: asyncio.Event) -> None:
         await self.redis.zadd(self.keys.workers, {self.name: int(time.time() * 1000)})
         streams = await self.streams()
+        if time.monotonic() - self._retired_at > 1.0:
+            self._retired_at = time.monotonic()
+            await self.retire()
         if not streams:
             await asyncio.sleep(self.settings.persist_block_ms / 1000)
             return

@@ -55,6 +55,7 @@ def sale_status(state: str, starts: int, ends: int, now: int, items: Sequence[It
     return "live"
 
 
+ACTIVE_AFTER_OPS_MS = 60_000  # an ops action keeps its sale in the persister's round at least this long
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(3000, 1, 1, tzinfo=UTC)
 
@@ -94,7 +95,10 @@ class Sales:
         k = self.keys
         # Listed first: a crash after the script leaves a listed sale, never an unlisted one
         # whose events nobody drains.
-        await self.redis.zadd(k.sales, {sale.id: now_ms()}, nx=True)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(k.sales, {sale.id: now_ms()}, nx=True)
+        pipe.zadd(k.active, {sale.id: ms(sale.ends_at) + sale.hold_seconds * 1000}, gt=True)
+        await pipe.execute()
         args: list[str | int] = [
             sale.id,
             ms(sale.starts_at),
@@ -222,6 +226,8 @@ class Sales:
 
     async def _control(self, sale_id: str, action: Literal["pause", "resume", "end"]) -> SaleOut:
         k = self.keys
+        # Active before the script: its event must find the persister still going over the sale.
+        await self.redis.zadd(k.active, {sale_id: now_ms() + ACTIVE_AFTER_OPS_MS}, gt=True)
         result = await self.scripts.sale_control(keys=[k.sale(sale_id), k.events(sale_id)], args=[sale_id, action])
         if result[0] == "err":
             if result[1] == "invalid_state":
@@ -276,6 +282,8 @@ class Sales:
                 args=args,
             )
             if result[0] == "ok":
+                window = cast(list[str], await self.redis.hmget(k.sale(sale_id), "ends_ms", "hold_ms"))
+                await self.redis.zadd(k.active, {sale_id: int(window[0]) + int(window[1])}, gt=True)
                 return await self.view(sale_id)
             code, detail = result[1], result[2]
             if code == "not_found":

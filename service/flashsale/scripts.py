@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update", "sale_view")
+NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update", "sale_view", "retire")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Scripts:
     restock: AsyncScript
     sale_update: AsyncScript
     sale_view: AsyncScript
+    retire: AsyncScript
 
     @classmethod
     def load(cls, redis: Redis, lua_dir: Path) -> Scripts:

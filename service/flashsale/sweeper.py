@@ -26,7 +26,7 @@ log = logging.getLogger("flashsale.sweeper")
 async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> int:
     """Expires every due hold of every sale, ``batch`` per script call, until none is due (a
     crowd's holds all fall due together: one batch a tick would fall behind); returns how many."""
-    sale_ids = cast(list[str], await redis.zrange(keys.sales, 0, -1))
+    sale_ids = cast(list[str], await redis.zrange(keys.active, 0, -1))
     if not sale_ids:
         return 0
     pipe = redis.pipeline(transaction=False)
