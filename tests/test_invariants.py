@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from flashsale.keys import Keys
@@ -26,6 +27,7 @@ STOCK = {"phone": 60, "watch": 40}
 LIMIT = 2
 
 
+@pytest.mark.timeout(240)  # ~30 s alone; the margin is for a machine busy with the other worker's load tests
 async def test_no_oversell_no_limit_breach_no_duplicate_nothing_lost_under_a_crowd(
     settings: Settings, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
 ) -> None:
