@@ -22,6 +22,7 @@ from .scripts import Scripts
 
 ITEM_FIELDS = ("stock_total", "available", "held", "confirmed", "per_user_limit")
 SNAPSHOT_TRIES = 5
+VIEW_TRIES = 20  # the first try may only learn the skus; the rest back off
 UPDATE_TRIES = 10
 UPDATE_REFUSED = {
     "started": "the sale has started: its window and items can no longer change",
@@ -122,7 +123,9 @@ class Sales:
         per reservation, so this is the busiest request there is."""
         k = self.keys
         skus = self._skus.get(sale_id, "")
-        for _ in range(SNAPSHOT_TRIES):
+        for attempt in range(VIEW_TRIES):
+            if attempt > 1:  # PATCHes racing each other before the start: let them pass
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
             names = skus.split(",") if skus else []
             keys = [k.sale(sale_id), *(key for sku in names for key in (k.item(sale_id, sku), k.holds(sale_id, sku)))]
             reply = await self.scripts.sale_view(keys=keys, args=[skus, *ITEM_FIELDS])
