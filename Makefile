@@ -20,7 +20,7 @@ run: $(VENV)/.installed  ## the whole service on throwaway servers (or REDIS_URL
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed  ## the test suite with coverage, in TEST_WORKERS processes (pytest-xdist)
 	$(BIN)/coverage erase
-	$(BIN)/pytest -n $(TEST_WORKERS) --cov --cov-report=term $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check service tests loadtest bench

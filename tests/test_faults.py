@@ -23,6 +23,10 @@ from flashsale.settings import Settings
 from . import procs
 from .conftest import STORE, create_sale, drained, serving
 
+# Heavy (many processes, thousands of requests): these run one after another on one xdist
+# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 N = 1500
 
 

@@ -21,6 +21,10 @@ from flashsale.settings import Settings
 from . import procs
 from .conftest import OPS, STORE, create_sale, drained
 
+# Heavy (many processes, thousands of requests): these run one after another on one xdist
+# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 USERS = 600
 ATTEMPTS = 2400
 STOCK = {"phone": 60, "watch": 40}

@@ -30,6 +30,10 @@ from flashsale.settings import ROOT, Settings
 
 from .conftest import create_sale
 
+# Heavy (many processes, thousands of requests): these run one after another on one xdist
+# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 DROP_EVERY_FIFTH = """
 CREATE TABLE loadtest_dropped (id text PRIMARY KEY);
 CREATE SEQUENCE loadtest_drop_seq;

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from starlette.routing import Route
 
 from flashsale.api import ROUTES
@@ -15,6 +16,10 @@ from flashsale.settings import Settings
 
 from . import procs
 from .conftest import OPS_KEY, create_sale
+
+# Heavy (many processes, thousands of requests): these run one after another on one xdist
+# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
+pytestmark = pytest.mark.xdist_group("heavy")
 
 
 async def test_openapi_describes_every_route(client: httpx.AsyncClient) -> None:
