@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import inspect
 import os
 import secrets
 import shutil
@@ -26,6 +27,8 @@ from .logs import setup_logging
 from .persister import Persister
 from .reconcile import reconcile
 from .settings import Settings, SettingsError
+
+WORKER_HEALTHCHECK_S = 30  # how long `serve --workers N` lets a worker take to answer uvicorn's ping
 
 
 def _migrate(settings: Settings) -> int:
@@ -91,8 +94,13 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> int:
     import uvicorn
 
     settings.require_servers()
+    extra: dict[str, int] = {}
     if workers > 1:
         _metrics_dir()
+        # uvicorn's supervisor SIGKILLs a worker that misses a 5 s ping, dropping every request
+        # it holds; at the peak of a sale a busy, healthy worker can be that slow to answer.
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            extra["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_S
     uvicorn.run(
         "flashsale.api:app_from_env",
         factory=True,
@@ -102,6 +110,7 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> int:
         log_level=settings.log_level.lower(),
         access_log=False,
         log_config=None,
+        **extra,  # type: ignore[arg-type]
     )
     return 0
 
