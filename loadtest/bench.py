@@ -40,6 +40,7 @@ from loadtest.services import ROOT, Stack, interrupt_on_signals, stack, wait_rea
 
 REPORTS = ROOT / "loadtest" / "reports"
 RESERVE_LUA = ROOT / "loadtest" / "wrk" / "reserve.lua"
+SKU = "item"  # the one item of every benchmark sale
 UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
@@ -118,7 +119,7 @@ def sale_body(sale_id: str, stock: int, limit: int) -> dict[str, Any]:
         "hold_seconds": 3600,
         "starts_at": (now - timedelta(seconds=1)).isoformat(),
         "ends_at": (now + timedelta(hours=2)).isoformat(),
-        "items": [{"sku": "item", "name": "Item", "price_cents": 1000, "stock": stock, "per_user_limit": limit}],
+        "items": [{"sku": SKU, "name": "Item", "price_cents": 1000, "stock": stock, "per_user_limit": limit}],
     }
 
 
@@ -206,7 +207,7 @@ def drain_and_memory(s: Stack, args: argparse.Namespace) -> Drain:
         f"{s.base_url}/v1/sales/{sale_id}/reservations",
         args,
         args.drain_load,
-        script=(str(RESERVE_LUA), f"/v1/sales/{sale_id}/reservations", "item", s.store_key, "d"),
+        script=(str(RESERVE_LUA), f"/v1/sales/{sale_id}/reservations", SKU, s.store_key, "d"),
     )
     d.events = asyncio.run(_backlog(s, sale_id))
     d.bytes_queued = (asyncio.run(_used_memory(s)) - before) / max(1, d.events)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             httpx.post(
                 f"{s.base_url}/v1/sales/{gone}/reservations",
                 headers={"Authorization": f"Bearer {s.store_key}"},
-                json={"user_id": "first", "sku": "item", "quantity": 1},
+                json={"user_id": "first", "sku": SKU, "quantity": 1},
                 timeout=10,
             ).raise_for_status()
             print(
@@ -320,20 +321,20 @@ def main(argv: list[str] | None = None) -> int:
                     "(b) reserve while stock lasts",
                     f"{s.base_url}/v1/sales/{big}/reservations",
                     args,
-                    script=(str(RESERVE_LUA), f"/v1/sales/{big}/reservations", "item", s.store_key, "b"),
+                    script=(str(RESERVE_LUA), f"/v1/sales/{big}/reservations", SKU, s.store_key, "b"),
                 ),
                 measure(
                     "(c) reserve once sold out",
                     f"{s.base_url}/v1/sales/{gone}/reservations",
                     args,
-                    script=(str(RESERVE_LUA), f"/v1/sales/{gone}/reservations", "item", s.store_key, "c"),
+                    script=(str(RESERVE_LUA), f"/v1/sales/{gone}/reservations", SKU, s.store_key, "c"),
                 ),
                 measure("(d) GET sale", f"{s.base_url}/v1/sales/{big}", args, headers=store),
                 measure(
                     "(e) Postgres row, conditional UPDATE + INSERT",
                     f"http://127.0.0.1:{pg_port}/reserve",
                     args,
-                    script=(str(RESERVE_LUA), "/reserve", "item", s.store_key, "e"),
+                    script=(str(RESERVE_LUA), "/reserve", SKU, s.store_key, "e"),
                 ),
             ]
             wait_drained(s, big)

@@ -28,13 +28,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loadtest.bench import RESERVE_LUA, Result, parse_wrk
+from loadtest.bench import RESERVE_LUA, SKU, Result, parse_wrk, sale_body
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 AT = re.compile(r'"at":"([^"]+)"')
@@ -74,7 +74,7 @@ def drive(
                     try:
                         r = await c.post(
                             f"/v1/sales/{sale_id}/reservations",
-                            json={"user_id": f"{tag}-{n}-{i}", "sku": "unit", "quantity": 1},
+                            json={"user_id": f"{tag}-{n}-{i}", "sku": SKU, "quantity": 1},
                         )
                         good = r.status_code == 201
                     except httpx.HTTPError:
@@ -196,26 +196,19 @@ def wrk_drive(args: argparse.Namespace, url: str, store_key: str, sale_id: str, 
     """The same load from wrk: one C thread, so the generator takes little of the server's CPU."""
     path = f"/v1/sales/{sale_id}/reservations"
     cmd = ["wrk", "-t1", f"-c{args.drivers * args.concurrency}", f"-d{args.duration:g}s", "--latency"]
-    cmd += ["--timeout", "10s", "-s", str(RESERVE_LUA), f"{url}{path}", "--", path, "unit", store_key, tag]
+    cmd += ["--timeout", "10s", "-s", str(RESERVE_LUA), f"{url}{path}", "--", path, SKU, store_key, tag]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, check=True).stdout
     return parse_wrk(tag, out)
 
 
 def create_sale(url: str, ops_key: str) -> str:
+    """The benchmark's one-item sale, with a stock no phase can sell out and a new user per request."""
     sale_id = f"sse-impact-{secrets.token_hex(3)}"
-    now = datetime.now(UTC)
     r = httpx.post(
         f"{url}/v1/sales",
         headers={"Authorization": f"Bearer {ops_key}"},
         timeout=10,
-        json={
-            "id": sale_id,
-            "name": "SSE impact",
-            "starts_at": (now - timedelta(seconds=1)).isoformat(),
-            "ends_at": (now + timedelta(hours=1)).isoformat(),
-            "hold_seconds": 3600,
-            "items": [{"sku": "unit", "name": "Unit", "price_cents": 1, "stock": 10**9, "per_user_limit": 1}],
-        },
+        json=sale_body(sale_id, stock=10**9, limit=1),
     )
     r.raise_for_status()
     return sale_id
