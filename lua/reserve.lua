@@ -1,5 +1,5 @@
 -- reserve: the whole "can this user have these units" decision in one atomic step.
--- Checks sale window and state, idempotency key, per-user rate, per-user limit and stock;
+-- Checks the idempotency key, sale window and state, stock, per-user rate and per-user limit;
 -- then decrements stock, records the hold and its due time, and enqueues the event.
 -- Any "no" changes nothing but the attempt and rejection counters.
 -- KEYS[1] sale hash         fs:{S}:sale
@@ -12,8 +12,11 @@
 -- KEYS[8] rate counter      fs:{S}:rate:USER
 -- ARGV[1] rid  ARGV[2] user_id  ARGV[3] sku  ARGV[4] quantity  ARGV[5] body fingerprint
 -- ARGV[6] idempotency key ('' for none)   ARGV[7] max attempts per user per second (0 = off)
--- Returns {'ok', rid, sku, user, qty, status, created_ms, expires_ms}, {'replay', earlier rid}
+-- Returns {'ok', created_ms, expires_ms}, {'replay', earlier rid}
 --      or {'err', code, number}  (number: available units, retry ms, or starts_ms).
+-- Sent twice (a client library resending after a lost connection), it makes one hold: the
+-- second run finds KEYS[5] and answers with the hold the first one made.
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'replay', ARGV[1]} end
 local sale = redis.call('HMGET', KEYS[1], 'state', 'starts_ms', 'ends_ms', 'hold_ms')
 if not sale[1] then return {'err', 'not_found', 0} end
 local limit = redis.call('HGET', KEYS[2], 'per_user_limit')
@@ -37,23 +40,24 @@ if ARGV[6] ~= '' then
   end
 end
 
+-- Refusals that hold for everyone (window, state, stock) come before the ones about this user:
+-- an API process may repeat those from memory (verdicts.py) and must answer what this would.
+local starts, ends = tonumber(sale[2]), tonumber(sale[3])
+if sale[1] == 'ended' or now >= ends then return reject('sale_ended', 0) end
+if now < starts then return reject('sale_not_started', starts) end
+if sale[1] == 'paused' then return reject('sale_paused', 0) end
+local qty = tonumber(ARGV[4])
+local available = tonumber(redis.call('HGET', KEYS[2], 'available'))
+if qty > available then return reject('sold_out', available) end
+
 local max_rate = tonumber(ARGV[7])
 if max_rate > 0 then
   local n = redis.call('INCR', KEYS[8])
   if n == 1 then redis.call('PEXPIRE', KEYS[8], 1000) end
   if n > max_rate then return reject('rate_limited', redis.call('PTTL', KEYS[8])) end
 end
-
-local starts, ends = tonumber(sale[2]), tonumber(sale[3])
-if sale[1] == 'ended' or now >= ends then return reject('sale_ended', 0) end
-if now < starts then return reject('sale_not_started', starts) end
-if sale[1] == 'paused' then return reject('sale_paused', 0) end
-
-local qty = tonumber(ARGV[4])
 local mine = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0')
 if mine + qty > tonumber(limit) then return reject('limit_exceeded', tonumber(limit) - mine) end
-local available = tonumber(redis.call('HGET', KEYS[2], 'available'))
-if qty > available then return reject('sold_out', available) end
 
 local expires = now + tonumber(sale[4])
 redis.call('HINCRBY', KEYS[2], 'available', -qty)
@@ -70,4 +74,4 @@ end
 redis.call('XADD', KEYS[6], '*', 'type', 'reserve', 'rid', ARGV[1], 'sku', ARGV[3],
   'user', ARGV[2], 'qty', qty, 'status', 'held', 'created_ms', now, 'expires_ms', expires,
   'idem', ARGV[6], 'at_ms', now)
-return {'ok', ARGV[1], ARGV[3], ARGV[2], tostring(qty), 'held', tostring(now), tostring(expires)}
+return {'ok', tostring(now), tostring(expires)}

@@ -7,6 +7,7 @@
 -- KEYS[3] event stream   fs:{S}:events
 -- ARGV[1] sale id   ARGV[2] sku   ARGV[3] quantity (>= 1)
 -- ARGV[4] the largest stock_total the sale document may hold
+-- ARGV[5] the changes channel: the sale id is published there (units came back)
 -- Returns {'ok', stock_total} or {'err', code, detail}
 --   (code: not_found with detail 'sale' or 'item', invalid_state, invalid_request).
 local sale = redis.call('HMGET', KEYS[1], 'state', 'ends_ms', 'doc', 'changed_ms', 'created_ms')
@@ -35,4 +36,5 @@ redis.call('HSET', KEYS[1], 'doc', encoded, 'changed_ms', at)
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('XADD', KEYS[3], '*', 'type', 'sale', 'sale', ARGV[1], 'state', sale[1],
   'doc', encoded, 'at_ms', at)
+redis.call('PUBLISH', ARGV[5], ARGV[1])
 return {'ok', total}

@@ -5,6 +5,7 @@
 -- KEYS[1] sale hash      fs:{S}:sale
 -- KEYS[2] event stream   fs:{S}:events
 -- ARGV[1] sale id   ARGV[2] action: pause | resume | end
+-- ARGV[3] the changes channel: the sale id is published there when the state changed
 -- Returns {'ok', state} or {'err', code}  (code: not_found, invalid_state, invalid_request).
 local target = ({pause = 'paused', resume = 'active', ['end'] = 'ended'})[ARGV[2]]
 if not target then return {'err', 'invalid_request'} end
@@ -23,4 +24,5 @@ local at = math.max(now, tonumber(sale[4] or sale[5] or 0))
 redis.call('HSET', KEYS[1], 'state', target, 'changed_ms', at)
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', target,
   'doc', sale[3], 'at_ms', at)
+redis.call('PUBLISH', ARGV[3], ARGV[1])
 return {'ok', target}

@@ -14,6 +14,7 @@
 -- ARGV[4] starts_ms   ARGV[5] ends_ms   ARGV[6] hold_ms   (each '' when not changed)
 -- ARGV[7] N, the number of items (0: items not changed)
 -- ARGV[8..7+3N] per item, three values: sku, stock, per_user_limit
+-- ARGV[8+3N] the changes channel: the sale id is published there (window or stock changed)
 -- Returns {'ok', rev} or {'err', code, detail}: not_found; invalid_state with detail 'started',
 -- 'ended', or 'taken' (an item's stock below its units held or confirmed); invalid_request with
 -- detail 'window' (ends_ms not after starts_ms); conflict (the skus changed since the caller read).
@@ -71,4 +72,5 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'hold_ms', ARGV[6]) end
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', sale[1],
   'doc', encoded, 'at_ms', at)
+redis.call('PUBLISH', ARGV[8 + 3 * n], ARGV[1])
 return {'ok', rev}

@@ -8,12 +8,15 @@
 -- KEYS[5..] reservation hashes fs:{S}:res:RID, all of this one sku
 -- ARGV[1] action: confirm | cancel | expire
 -- ARGV[2] user id the caller claims ('' for expire)   ARGV[3] payment ref ('' unless confirm)
--- ARGV[4..] the reservation ids, in the order of KEYS[5..]
+-- ARGV[4] the changes channel   ARGV[5] the sale id (published there when units come back)
+-- ARGV[6..] the reservation ids, in the order of KEYS[5..]
 -- confirm/cancel return {'ok'|'err', code, rid, sku, user, qty, status, created_ms, expires_ms,
 -- final_ms, payment_ref}; expire returns the number of holds it expired.
 local action = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local released = false  -- units went back to stock: processes must forget their "sold out"
 
 local function record(key, rid, r, status)
   redis.call('HSET', key, 'status', status, 'final_ms', now)
@@ -30,6 +33,7 @@ local function release(key, rid, r, status, counter)
   redis.call('HINCRBY', KEYS[1], counter, qty)
   redis.call('HINCRBY', KEYS[2], r[1], -qty)
   record(key, rid, r, status)
+  released = true
 end
 
 local function fields(key)
@@ -41,16 +45,17 @@ if action == 'expire' then
   for i = 5, #KEYS do
     local r = fields(KEYS[i])
     if r[4] == 'held' and tonumber(r[5]) <= now then
-      release(KEYS[i], ARGV[i - 1], r, 'expired', 'expired')
+      release(KEYS[i], ARGV[i + 1], r, 'expired', 'expired')
       n = n + 1
     elseif r[4] ~= 'held' then
-      redis.call('ZREM', KEYS[3], ARGV[i - 1])  -- settled already: only its index entry was left
+      redis.call('ZREM', KEYS[3], ARGV[i + 1])  -- settled already: only its index entry was left
     end
   end
+  if released then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
   return n
 end
 
-local key, rid = KEYS[5], ARGV[4]
+local key, rid = KEYS[5], ARGV[6]
 local r = fields(key)
 if not r[1] or r[1] ~= ARGV[2] then return {'err', 'not_found'} end
 local code = 'ok'
@@ -70,6 +75,7 @@ elseif action == 'confirm' and r[4] == 'expired' then
 elseif (action == 'confirm' and r[4] ~= 'confirmed') or (action == 'cancel' and r[4] == 'confirmed') then
   code = 'invalid_state'
 end
+if released then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 local out = redis.call('HMGET', key, 'rid', 'sku', 'user', 'qty', 'status', 'created_ms',
   'expires_ms', 'final_ms', 'payment_ref')
 return {code == 'ok' and 'ok' or 'err', code, out[1], out[2], out[3], out[4], out[5], out[6],

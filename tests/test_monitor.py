@@ -65,7 +65,7 @@ async def test_progress_counts_holds_confirms_cancels_and_rejections_exactly(
     assert (await client.post(f"/v1/reservations/{rids[2]}/cancel", json={"user_id": "u2"})).status_code == 200
     assert (await reserve(client, sale, user="u4", qty=3)).status_code == 201  # takes 3 of the 4 left
     assert (await reserve(client, sale, user="u5", qty=2)).json()["error"]["code"] == "sold_out"
-    assert (await reserve(client, sale, user="u0", qty=2)).json()["error"]["code"] == "limit_exceeded"
+    assert (await reserve(client, sale, user="u4", qty=1)).json()["error"]["code"] == "limit_exceeded"
 
     [item] = (await progress(client, sale))["items"]
 

@@ -1,8 +1,4 @@
-"""Ops endpoints that run a sale: list, change before start, pause, resume, end, restock.
-
-The HTTP helpers live in ``api``, which imports this module at its top to build its route
-list; so each handler imports them when it runs, by which time ``api`` is fully loaded.
-"""
+"""Ops endpoints that run a sale: list, change before start, pause, resume, end, restock."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ from starlette.routing import BaseRoute, Route
 from .errors import ApiError
 from .sales import Sales
 from .schemas import DIGITS, RestockIn, SalePatch
+from .web import authorize, body, json, slug
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -22,8 +19,6 @@ MAX_LIMIT = 200
 
 def _sales(request: Request) -> Sales:
     """The sales service, once the caller has shown an ops key."""
-    from .api import authorize
-
     return authorize(request, "ops").sales
 
 
@@ -37,15 +32,11 @@ def _limit(request: Request) -> int:
 
 
 async def list_sales(request: Request) -> Response:
-    from .api import json
-
     sales = _sales(request)
     return json(await sales.page(_limit(request), request.query_params.get("cursor") or None))
 
 
 async def update_sale(request: Request) -> Response:
-    from .api import body, json, slug
-
     sales = _sales(request)
     sale_id = slug(request, "sale_id")
     return json(await sales.update(sale_id, await body(request, SalePatch)))
@@ -53,8 +44,6 @@ async def update_sale(request: Request) -> Response:
 
 def _control(action: Literal["pause", "resume", "end"]) -> Route:
     async def handle(request: Request) -> Response:
-        from .api import json, slug
-
         sales = _sales(request)
         sale_id = slug(request, "sale_id")
         step = {"pause": sales.pause, "resume": sales.resume, "end": sales.end}[action]
@@ -65,8 +54,6 @@ def _control(action: Literal["pause", "resume", "end"]) -> Route:
 
 
 async def restock(request: Request) -> Response:
-    from .api import body, json, slug
-
     sales = _sales(request)
     sale_id, sku = slug(request, "sale_id"), slug(request, "sku")
     ask = await body(request, RestockIn)

@@ -7,11 +7,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
 
-import asyncpg
-import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -21,80 +17,23 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import admin, db, metrics, monitor, openapi, sweeper
-from .auth import KeyRing, Role
+from . import admin, db, invalidation, metrics, monitor, openapi, sweeper
+from .auth import KeyRing
+from .coalesce import Coalescer
 from .errors import ApiError
 from .keys import Keys
 from .middleware import RequestLog
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import SLUG, CancelIn, ConfirmIn, Health, ReserveIn, SaleIn, encoder
+from .schemas import CancelIn, ConfirmIn, Health, ReserveIn, SaleIn
 from .scripts import Scripts
 from .settings import Settings
+from .tally import Tally
+from .verdicts import Verdicts
+from .web import Services, authorize, body, json, services, slug, user_id
 
 log = logging.getLogger("flashsale.api")
-T = TypeVar("T")
-MAX_BODY = 16 * 1024
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
-USER_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}(?!\n)$")
-FIELD = re.compile(r"at `\$\.([A-Za-z_]+)")
-
-
-@dataclass(frozen=True)
-class Services:
-    settings: Settings
-    redis: Redis
-    pool: asyncpg.Pool
-    keyring: KeyRing
-    sales: Sales
-    reservations: Reservations
-
-
-def services(request: Request) -> Services:
-    s: Services = request.app.state.services
-    return s
-
-
-def json(body: msgspec.Struct | dict[str, Any], status: int = 200) -> Response:
-    return Response(encoder.encode(body), status, media_type="application/json")
-
-
-async def body(request: Request, type_: type[T]) -> T:
-    """The request body, at most 16 KiB, decoded and validated as ``type_``."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and (len(declared) > 15 or int(declared) > MAX_BODY):
-        raise ApiError("invalid_request", "body is over 16 KiB", status=400)
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise ApiError("invalid_request", "body is over 16 KiB", status=400)
-    try:
-        return msgspec.json.decode(raw, type=type_)
-    except msgspec.ValidationError as exc:
-        raise ApiError("invalid_request", str(exc), fields=FIELD.findall(str(exc))) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError("invalid_request", f"body is not valid JSON: {exc}", status=400) from None
-
-
-def authorize(request: Request, role: Role) -> Services:
-    svc = services(request)
-    svc.keyring.require(request.headers.get("authorization"), role)
-    return svc
-
-
-def slug(request: Request, name: str) -> str:
-    value: str = request.path_params[name]
-    if not SLUG.match(value):
-        raise ApiError("not_found", f"no {name.removesuffix('_id')} {value!r}")
-    return value
-
-
-def user_id(request: Request) -> str:
-    value = request.query_params.get("user_id", "")
-    if not USER_ID.match(value):
-        raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)", fields=["user_id"])
-    return value
 
 
 async def create_sale(request: Request) -> Response:
@@ -117,11 +56,11 @@ async def reserve(request: Request) -> Response:
             "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
         )
     ask = await body(request, ReserveIn)
-    try:
-        reservation, created = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
-    except ApiError as exc:
-        metrics.RESERVATIONS.labels(exc.code).inc()
-        raise
+    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
+    if isinstance(outcome, ApiError):  # a refusal is an answer, not an exception: no raise on the hot path
+        metrics.RESERVATIONS.labels(outcome.code).inc()
+        return outcome.response()
+    reservation, created = outcome
     metrics.RESERVATIONS.labels("created" if created else "replayed").inc()
     return json(reservation, 201 if created else 200)
 
@@ -250,24 +189,32 @@ def create_app(settings: Settings) -> Starlette:
         )
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         keys = Keys(settings.key_prefix)
-        scripts = Scripts.load(redis, settings.lua_dir)
+        scripts = Scripts.load(redis, settings.lua_dir, Coalescer(redis))
+        verdicts = Verdicts(settings.verdict_ttl_ms / 1000)
+        tally = Tally(redis, keys)
         app.state.services = Services(
             settings=settings,
             redis=redis,
             pool=pool,
             keyring=KeyRing.build(settings.ops_keys, settings.storefront_keys),
             sales=Sales(redis, keys, scripts),
-            reservations=Reservations(redis, keys, scripts, settings),
+            reservations=Reservations(redis, keys, scripts, settings, verdicts, tally),
         )
         app.state.openapi = openapi.document()
-        app.state.monitor = monitor.Monitor(redis, pool, keys)
+        app.state.monitor = monitor.Monitor(redis, pool, keys, tally)
         stop = asyncio.Event()
-        sweep = asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper")
+        background = [
+            asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper"),
+            asyncio.create_task(invalidation.listen(redis, keys.changes, verdicts, stop), name="invalidation"),
+            asyncio.create_task(tally.run(settings.tally_interval_ms / 1000, stop), name="tally"),
+        ]
         try:
             yield
         finally:
             stop.set()
-            await sweep
+            await asyncio.gather(*background)
+            await tally.flush()  # counts of the last requests, after the loops stopped taking more
+            await scripts.calls.close()
             await app.state.monitor.close()
             await pool.close()
             await redis.aclose(close_connection_pool=True)

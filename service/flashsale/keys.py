@@ -44,6 +44,14 @@ class Keys:
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 
+    # PUB/SUB channel (not a key: nothing is stored). Every script that can make a refused
+    # reservation succeed (units back from a cancel, an expiry or a restock; a state or window
+    # change) publishes the sale id here in the same atomic step, and every API process drops
+    # what it remembered of that sale's refusals (verdicts.py).
+    @property
+    def changes(self) -> str:
+        return f"{self.prefix}:changes"
+
     def _sale(self, sale_id: str) -> str:
         return f"{self.prefix}:{{{sale_id}}}"
 

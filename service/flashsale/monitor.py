@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import asyncpg
 import msgspec
@@ -41,7 +41,6 @@ from .keys import WORKER_TTL_MS, Keys
 from .queue import backlog
 from .sales import instant, now_ms, sale_status
 from .schemas import (
-    SLUG,
     Error,
     ErrorBody,
     ItemOut,
@@ -53,9 +52,8 @@ from .schemas import (
     SaleStatus,
     encoder,
 )
-
-if TYPE_CHECKING:
-    from .api import Services
+from .tally import Tally
+from .web import services, slug
 
 log = logging.getLogger("flashsale.monitor")
 
@@ -144,8 +142,9 @@ class Watch:
 
 
 class Monitor:
-    def __init__(self, redis: Redis, pool: asyncpg.Pool, keys: Keys) -> None:
+    def __init__(self, redis: Redis, pool: asyncpg.Pool, keys: Keys, tally: Tally | None = None) -> None:
         self.redis, self.pool, self.keys = redis, pool, keys
+        self.tally = tally  # this process's answers from memory, added to the counters before a read
         self.computed = 0  # progress documents computed by this process
         self._rings: dict[str, deque[Counters]] = {}
         self._asked: dict[str, float] = {}
@@ -154,6 +153,8 @@ class Monitor:
         self._postgres_ok = True
 
     async def progress(self, sale_id: str) -> SaleProgress:
+        if self.tally is not None:
+            await self.tally.flush()
         at, status, items = await self._snapshot(sale_id)
         queue, persisted, workers = await asyncio.gather(
             backlog(self.redis, self.keys, sale_id), self._persisted(sale_id), self.workers_alive()
@@ -322,28 +323,20 @@ class Monitor:
 
 
 def _monitor(request: Request) -> Monitor:
-    services: Services = request.app.state.services
-    services.keyring.require(request.headers.get("authorization"), "ops")
+    services(request).keyring.require(request.headers.get("authorization"), "ops")
     monitor: Monitor = request.app.state.monitor
     return monitor
 
 
-def _sale_id(request: Request) -> str:
-    value: str = request.path_params["sale_id"]
-    if not SLUG.match(value):
-        raise ApiError("not_found", f"no sale {value!r}")
-    return value
-
-
 async def progress(request: Request) -> Response:
     monitor = _monitor(request)
-    doc = await monitor.progress(_sale_id(request))
+    doc = await monitor.progress(slug(request, "sale_id"))
     return Response(encoder.encode(doc), media_type="application/json")
 
 
 async def progress_stream(request: Request) -> Response:
     monitor = _monitor(request)
-    sale_id = _sale_id(request)
+    sale_id = slug(request, "sale_id")
     if not await monitor.redis.exists(monitor.keys.sale(sale_id)):
         raise ApiError("not_found", f"no sale {sale_id!r}")
     return EventSourceResponse(monitor.events(sale_id), sep="\n", ping=15, send_timeout=30)

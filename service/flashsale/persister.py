@@ -24,7 +24,6 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from . import metrics
@@ -32,7 +31,7 @@ from .keys import GROUP, Keys
 from .queue import backlog
 from .sales import now_ms
 from .schemas import SaleIn
-from .scripts import Scripts
+from .scripts import Script, Scripts
 from .settings import Settings
 
 log = logging.getLogger("flashsale.persister")
@@ -169,7 +168,7 @@ class Persister:
     _until: dict[str, float] = field(default_factory=dict)  # sale id -> its score in the active set
     _streams_at: float = 0.0
     _retired_at: float = 0.0
-    _retire: AsyncScript = field(init=False)
+    _retire: Script = field(init=False)
 
     def __post_init__(self) -> None:
         self._retire = Scripts.load(self.redis, self.settings.lua_dir).retire

@@ -1,4 +1,11 @@
-"""Reserve, read, confirm and cancel: each one call to a Lua script that decides atomically."""
+"""Reserve, read, confirm and cancel: each one call to a Lua script that decides atomically.
+
+A reserve that the script refused moments ago for a reason that still holds (sold out, not
+started, paused, ended) is refused again from memory (``verdicts.py``), counted in the same
+progress counters (``tally.py``): a crowd's sold-out answers then cost no Redis call at all.
+A request with an Idempotency-Key first asks Redis whether the key was used (one EXISTS, in the
+tick's pipeline): a retry of a reservation that succeeded must get that reservation back.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from .sales import instant, now_ms
 from .schemas import Reservation
 from .scripts import Scripts
 from .settings import Settings
+from .tally import Tally
+from .verdicts import Verdicts
 
 RID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.[A-Za-z0-9_-]{22}(?!\n)$")
 FIELDS = ("rid", "sku", "user", "qty", "status", "created_ms", "expires_ms", "final_ms", "payment_ref")
@@ -53,6 +62,7 @@ def to_reservation(sale_id: str, values: list[str | None], now: int | None = Non
 
 
 def reject(code: str, number: int) -> ApiError:
+    """The error a script's refusal stands for, with the number it came with."""
     if code == "not_found":
         return ApiError("not_found", "no such sale or item")
     if code in ("sold_out", "limit_exceeded"):
@@ -70,14 +80,21 @@ class Reservations:
     keys: Keys
     scripts: Scripts
     settings: Settings
+    verdicts: Verdicts
+    tally: Tally
 
     async def reserve(
         self, sale_id: str, user_id: str, sku: str, quantity: int, idempotency_key: str | None
-    ) -> tuple[Reservation, bool]:
-        """Returns the reservation and whether this call created it (False: a replay)."""
+    ) -> tuple[Reservation, bool] | ApiError:
+        """The reservation and whether this call created it (False: a replay), or the refusal."""
         k = self.keys
-        rid = new_rid(sale_id)
         idem = idempotency_key or ""
+        verdict = self.verdicts.recall(sale_id, sku, quantity)
+        if verdict is not None and not (idem and await self._used(sale_id, user_id, idem)):
+            self.tally.refused(sale_id, sku, verdict.code)
+            return reject(verdict.code, verdict.number)
+        rid = new_rid(sale_id)
+        ticket = self.verdicts.ticket(sale_id)
         result = await self.scripts.reserve(
             keys=[
                 k.sale(sale_id),
@@ -92,10 +109,18 @@ class Reservations:
             args=[rid, user_id, sku, quantity, f"{sku}:{quantity}", idem, self.settings.user_rate_per_s],
         )
         if result[0] == "ok":
-            return to_reservation(sale_id, [*result[1:], None, None]), True
+            _, created, expires = result
+            values = [rid, sku, user_id, str(quantity), "held", created, expires, None, None]
+            return to_reservation(sale_id, values), True
         if result[0] == "replay":
             return await self.get(result[1], user_id), False
-        raise reject(result[1], int(result[2]))
+        code, number = result[1], int(result[2])
+        self.verdicts.remember(sale_id, sku, code, number, ticket)
+        return reject(code, number)
+
+    async def _used(self, sale_id: str, user_id: str, idempotency_key: str) -> bool:
+        """Whether the key made a reservation already: then only the script can answer (a replay)."""
+        return bool(await self.scripts.calls.call("EXISTS", self.keys.idempotency(sale_id, user_id, idempotency_key)))
 
     async def get(self, rid: str, user_id: str) -> Reservation:
         sale_id = sale_of(rid)
@@ -120,7 +145,7 @@ class Reservations:
                 k.events(sale_id),
                 k.reservation(sale_id, rid),
             ],
-            args=[action, user_id, payment_ref, rid],
+            args=[action, user_id, payment_ref, k.changes, sale_id, rid],
         )
         if result[1] == "not_found":
             raise ApiError("not_found", "no such reservation")

@@ -90,6 +90,9 @@ class Sales:
     # sale id -> its skus field as last read: lets view() name the item keys without a round trip
     # first. Ops create the sales, so it holds a few entries; a stale one costs one retry.
     _skus: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # sale id -> (tick, the read of it queued in that tick): reads of one sale that arrive in the
+    # same tick share one Redis read (single flight), and only while it has not been sent.
+    _reading: dict[str, tuple[int, asyncio.Task[SaleOut]]] = field(default_factory=dict, repr=False, compare=False)
 
     async def create(self, sale: SaleIn) -> SaleOut:
         validate(sale)
@@ -120,7 +123,23 @@ class Sales:
 
     async def view(self, sale_id: str) -> SaleOut:
         """One sale in one round trip (``lua/sale_view.lua``): the crowd reads the sale ~10 times
-        per reservation, so this is the busiest request there is."""
+        per reservation, so this is the busiest request there is. Readers of one sale in one tick
+        share the read; each answer was read after its request arrived."""
+        calls = self.scripts.calls
+        reading = self._reading.get(sale_id)
+        if reading is None or not calls.joinable(reading[0]):
+            reading = (calls.ticks, asyncio.ensure_future(self._view(sale_id)))
+            self._reading[sale_id] = reading
+            reading[1].add_done_callback(lambda task: self._done_reading(sale_id, task))
+        return await asyncio.shield(reading[1])  # shielded: one reader gone must not cancel the others' read
+
+    def _done_reading(self, sale_id: str, task: asyncio.Task[SaleOut]) -> None:
+        if not task.cancelled():
+            task.exception()  # seen here, so a read whose readers all left is not logged as lost
+        if self._reading.get(sale_id, (0, None))[1] is task:
+            del self._reading[sale_id]
+
+    async def _view(self, sale_id: str) -> SaleOut:
         k = self.keys
         skus = self._skus.get(sale_id, "")
         for attempt in range(VIEW_TRIES):
@@ -231,7 +250,9 @@ class Sales:
         k = self.keys
         # Active before the script: its event must find the persister still going over the sale.
         await self.redis.zadd(k.active, {sale_id: now_ms() + ACTIVE_AFTER_OPS_MS}, gt=True)
-        result = await self.scripts.sale_control(keys=[k.sale(sale_id), k.events(sale_id)], args=[sale_id, action])
+        result = await self.scripts.sale_control(
+            keys=[k.sale(sale_id), k.events(sale_id)], args=[sale_id, action, k.changes]
+        )
         if result[0] == "err":
             if result[1] == "invalid_state":
                 raise ApiError("invalid_state", f"the sale has ended, and ended is final: cannot {action} it")
@@ -242,7 +263,8 @@ class Sales:
         """Adds units to stock_total and available in one atomic step, holds in flight or not."""
         k = self.keys
         result = await self.scripts.restock(
-            keys=[k.sale(sale_id), k.item(sale_id, sku), k.events(sale_id)], args=[sale_id, sku, quantity, MAX_STOCK]
+            keys=[k.sale(sale_id), k.item(sale_id, sku), k.events(sale_id)],
+            args=[sale_id, sku, quantity, MAX_STOCK, k.changes],
         )
         if result[0] == "err":
             code, detail = result[1], result[2]
@@ -275,6 +297,7 @@ class Sales:
             args: list[str | int] = [sale_id, listed, changes, *times, hold, len(items)]
             for item in items:
                 args += [item.sku, item.stock, item.per_user_limit]
+            args.append(k.changes)
             result = await self.scripts.sale_update(
                 keys=[
                     k.sale(sale_id),

@@ -1,38 +1,57 @@
-"""The Lua scripts in ``lua/``, each registered once and called by SHA.
+"""The Lua scripts in ``lua/``, each called by SHA through the tick's pipeline (``coalesce``).
 
-redis-py's ``AsyncScript`` sends EVALSHA and, on NOSCRIPT (a restarted or failed-over Redis),
-loads the source and retries, so a script cache flush never fails a request.
+The SHA is computed here from the file, so no call waits for a SCRIPT LOAD; a server that does
+not know a script (restarted, failed over, SCRIPT FLUSH) answers NOSCRIPT and the coalescer
+loads the source and sends the call again, so a script cache flush never fails a request.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+
+from .coalesce import Args, Coalescer
 
 NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update", "sale_view", "retire")
 
 
 @dataclass(frozen=True)
+class Script:
+    name: str
+    sha: str
+    calls: Coalescer
+
+    async def __call__(self, keys: Sequence[str], args: Args) -> Any:
+        return await self.calls.evalsha(self.sha, keys, args)
+
+
+@dataclass(frozen=True)
 class Scripts:
-    sale_create: AsyncScript
-    reserve: AsyncScript
-    settle: AsyncScript
-    sale_control: AsyncScript
-    restock: AsyncScript
-    sale_update: AsyncScript
-    sale_view: AsyncScript
-    retire: AsyncScript
+    calls: Coalescer
+    sale_create: Script
+    reserve: Script
+    settle: Script
+    sale_control: Script
+    restock: Script
+    sale_update: Script
+    sale_view: Script
+    retire: Script
 
     @classmethod
-    def load(cls, redis: Redis, lua_dir: Path) -> Scripts:
-        found: dict[str, Any] = {}
+    def load(cls, redis: Redis, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:
+        calls = calls or Coalescer(redis)
+        found: dict[str, Script] = {}
         for name in NAMES:
             path = lua_dir / f"{name}.lua"
             if not path.is_file():
                 raise FileNotFoundError(f"Lua script {path} is missing: is FLASHSALE lua_dir right?")
-            found[name] = redis.register_script(path.read_text())
-        return cls(**found)
+            source = path.read_text()
+            sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324  (Redis names scripts by SHA-1)
+            calls.sources[sha] = source
+            found[name] = Script(name, sha, calls)
+        return cls(calls=calls, **found)

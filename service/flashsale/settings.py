@@ -53,6 +53,11 @@ class Settings:
     max_in_flight: int = 2000
     redis_pool_size: int = 64
     db_pool_size: int = 8
+    # How long a refusal the reserve script gave (sold out, not started, paused, ended) may be
+    # repeated from memory, at most; the changes channel usually ends it sooner. 0: never.
+    verdict_ttl_ms: int = 200
+    # How often answers given from memory are added to the progress counters in Redis.
+    tally_interval_ms: int = 250
     sweep_interval_ms: int = 250
     sweep_batch: int = 200
     persist_batch: int = 500
@@ -79,6 +84,8 @@ class Settings:
             max_in_flight=_int(env, "FLASHSALE_MAX_IN_FLIGHT", d.max_in_flight, 1),
             redis_pool_size=_int(env, "FLASHSALE_REDIS_POOL", d.redis_pool_size, 1),
             db_pool_size=_int(env, "FLASHSALE_DB_POOL", d.db_pool_size, 1),
+            verdict_ttl_ms=_int(env, "FLASHSALE_VERDICT_TTL_MS", d.verdict_ttl_ms),
+            tally_interval_ms=_int(env, "FLASHSALE_TALLY_MS", d.tally_interval_ms, 10),
             sweep_interval_ms=_int(env, "FLASHSALE_SWEEP_MS", d.sweep_interval_ms, 10),
             persist_batch=_int(env, "FLASHSALE_PERSIST_BATCH", d.persist_batch, 1),
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", d.claim_idle_ms, 100),

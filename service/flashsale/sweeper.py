@@ -58,7 +58,7 @@ async def _expire(scripts: Scripts, keys: Keys, sale_id: str, sku: str, rids: li
             keys.events(sale_id),
             *(keys.reservation(sale_id, r) for r in rids),
         ],
-        args=["expire", "", "", *rids],
+        args=["expire", "", "", keys.changes, sale_id, *rids],
     )
     return n
 

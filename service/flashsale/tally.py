@@ -1,0 +1,51 @@
+"""Attempts answered from memory, added to the same Redis counters the reserve script keeps
+(``attempts`` and ``rej:<code>`` in the item hash), so progress counts every attempt (contract
+invariant 8). Flushed every ``interval_s`` and at shutdown; counts a failed flush could not
+write are kept for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .keys import Keys
+
+log = logging.getLogger("flashsale.tally")
+
+
+class Tally:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis, self.keys = redis, keys
+        self._counts: Counter[tuple[str, str, str]] = Counter()  # (sale, sku, code) -> refusals
+
+    def refused(self, sale_id: str, sku: str, code: str) -> None:
+        self._counts[(sale_id, sku, code)] += 1
+
+    async def flush(self) -> None:
+        counts, self._counts = self._counts, Counter()
+        if not counts:
+            return
+        pipe = self.redis.pipeline(transaction=True)  # all of them or none
+        for (sale_id, sku, code), n in counts.items():
+            item = self.keys.item(sale_id, sku)
+            pipe.hincrby(item, "attempts", n)
+            pipe.hincrby(item, f"rej:{code}", n)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # Kept for the next flush. Only if the connection died after Redis ran the EXEC but
+            # before its reply came back are they counted twice: the lesser wrong, and rare.
+            log.warning("could not add %d answers from memory to progress, retrying: %r", counts.total(), exc)
+            self._counts.update(counts)
+
+    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            await self.flush()

@@ -1,0 +1,98 @@
+"""HTTP helpers every route module shares: the services an app holds, request bodies, keys,
+path and query parameters, JSON responses. Route modules import from here, never from each
+other, so that ``api`` can gather their routes without an import circle."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .auth import KeyRing, Role
+from .errors import ApiError
+from .reservations import Reservations
+from .sales import Sales
+from .schemas import SLUG, encoder
+from .settings import Settings
+
+T = TypeVar("T")
+MAX_BODY = 16 * 1024
+USER_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}(?!\n)$")
+FIELD = re.compile(r"at `\$\.([A-Za-z_]+)")
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    redis: Redis
+    pool: asyncpg.Pool
+    keyring: KeyRing
+    sales: Sales
+    reservations: Reservations
+
+
+def services(request: Request) -> Services:
+    s: Services = request.app.state.services
+    return s
+
+
+def json(body: msgspec.Struct | dict[str, Any], status: int = 200) -> Response:
+    return Response(encoder.encode(body), status, media_type="application/json")
+
+
+def decode(raw: bytes, type_: type[T]) -> T:
+    """``raw`` decoded and validated as ``type_``: 400 for bytes that are not JSON, 422 naming the
+    fields for JSON that breaks the schema."""
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ApiError("invalid_request", str(exc), fields=FIELD.findall(str(exc))) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ApiError("invalid_request", f"body is not valid JSON: {exc}", status=400) from None
+
+
+def too_long(content_length: str) -> bool:
+    """Whether a declared Content-Length is over 16 KiB (or too long a number to be sane)."""
+    return (
+        content_length.isascii()
+        and content_length.isdigit()
+        and (len(content_length) > 15 or int(content_length) > MAX_BODY)
+    )
+
+
+async def body(request: Request, type_: type[T]) -> T:
+    """The request body, at most 16 KiB, decoded and validated as ``type_``."""
+    if too_long(request.headers.get("content-length", "")):
+        raise ApiError("invalid_request", "body is over 16 KiB", status=400)
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError("invalid_request", "body is over 16 KiB", status=400)
+    return decode(raw, type_)
+
+
+def authorize(request: Request, role: Role) -> Services:
+    svc = services(request)
+    svc.keyring.require(request.headers.get("authorization"), role)
+    return svc
+
+
+def slug(request: Request, name: str) -> str:
+    value: str = request.path_params[name]
+    if not SLUG.match(value):
+        raise ApiError("not_found", f"no {name.removesuffix('_id')} {value!r}")
+    return value
+
+
+def user_id(request: Request) -> str:
+    value = request.query_params.get("user_id", "")
+    if not USER_ID.match(value):
+        raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)", fields=["user_id"])
+    return value
