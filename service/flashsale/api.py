@@ -15,14 +15,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, db, invalidation, metrics, monitor, openapi, sweeper
 from .auth import KeyRing
 from .coalesce import Coalescer
 from .errors import ApiError
 from .keys import Keys
-from .middleware import RequestLog
+from .middleware import Edge
 from .reservations import Reservations
 from .sales import Sales
 from .schemas import CancelIn, ConfirmIn, Health, ReserveIn, SaleIn
@@ -106,13 +105,17 @@ async def openapi_json(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
+# What a crowd sends by the thousand: answered by the edge middleware itself (middleware.py).
+HOT = [
+    Route("/v1/sales/{sale_id}/reservations", reserve, methods=["POST"]),
+    Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),
+]
 ROUTES: list[BaseRoute] = [
+    *HOT,
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/v1/sales", create_sale, methods=["POST"]),
-    Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),
-    Route("/v1/sales/{sale_id}/reservations", reserve, methods=["POST"]),
     Route("/v1/reservations/{rid}", get_reservation, methods=["GET"]),
     Route("/v1/reservations/{rid}/confirm", confirm, methods=["POST"]),
     Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),
@@ -156,27 +159,6 @@ async def on_crash(request: Request, exc: Exception) -> Response:
     return ApiError("internal", "internal error; it has been logged").response()
 
 
-class Shed:
-    """Answers 503 with Retry-After at once when more requests are in flight than the process
-    can serve well, instead of queueing them until everything times out."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit, self.in_flight = app, limit, 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.in_flight >= self.limit:
-            await ApiError("unavailable", "the service is at capacity", retry_after=1).response()(scope, receive, send)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-
 def create_app(settings: Settings) -> Starlette:
     settings.require_servers()
 
@@ -186,6 +168,10 @@ def create_app(settings: Settings) -> Starlette:
             connection_pool=BlockingConnectionPool.from_url(
                 settings.redis_url, max_connections=settings.redis_pool_size, timeout=5, decode_responses=True
             )
+        )
+        # Its own connection, named so that ops (and the tests) can find it in CLIENT LIST.
+        listener = Redis.from_url(
+            settings.redis_url, decode_responses=True, client_name=f"flashsale-changes:{settings.key_prefix}"
         )
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         keys = Keys(settings.key_prefix)
@@ -205,7 +191,7 @@ def create_app(settings: Settings) -> Starlette:
         stop = asyncio.Event()
         background = [
             asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper"),
-            asyncio.create_task(invalidation.listen(redis, keys.changes, verdicts, stop), name="invalidation"),
+            asyncio.create_task(invalidation.listen(listener, keys.changes, verdicts, stop), name="invalidation"),
             asyncio.create_task(tally.run(settings.tally_interval_ms / 1000, stop), name="tally"),
         ]
         try:
@@ -217,20 +203,18 @@ def create_app(settings: Settings) -> Starlette:
             await scripts.calls.close()
             await app.state.monitor.close()
             await pool.close()
+            await listener.aclose(close_connection_pool=True)
             await redis.aclose(close_connection_pool=True)
 
+    handlers = {ApiError: on_api_error, RedisError: on_redis_error}
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        exception_handlers={
-            ApiError: on_api_error,
-            HTTPException: on_http_error,
-            RedisError: on_redis_error,
-            Exception: on_crash,
-        },
+        exception_handlers={**handlers, HTTPException: on_http_error, Exception: on_crash},
     )
-    app.add_middleware(Shed, limit=settings.max_in_flight)
-    app.add_middleware(RequestLog)  # outermost: logs, times and tags the requests Shed turns away too
+    app.add_middleware(
+        Edge, max_in_flight=settings.max_in_flight, log_sample=settings.access_log_sample, hot=HOT, handlers=handlers
+    )
     return app
 
 

@@ -1,9 +1,21 @@
-"""Every request: its X-Request-ID, one JSON log line, and its Prometheus count and latency.
+"""The edge of every request, in one ASGI middleware: load shedding, the X-Request-ID, one JSON
+log line, and the Prometheus count and latency.
 
-The id a client sends in ``X-Request-ID`` is kept (only ``[A-Za-z0-9._:@/+=-]``, at most 128
-characters), else one is made; either way it is on the response. The line has the request id,
-method, route template (never the path, so never a query string), status and duration, at
-INFO on the ``flashsale.access`` logger; headers, bodies and keys are never logged.
+- Past ``max_in_flight`` requests at once, 503 with Retry-After at once, before any work, instead
+  of queueing them until everything times out.
+- The id a client sends in ``X-Request-ID`` is kept (only ``[A-Za-z0-9._:@/+=-]``, at most 128
+  characters), else one is made; either way it is on the response.
+- The line has the request id, method, route template (never the path, so never a query string),
+  status and duration, at INFO on the ``flashsale.access`` logger; headers, bodies and keys are
+  never logged. ``FLASHSALE_ACCESS_LOG_SAMPLE=N`` keeps one line in N of the 2xx and 409 answers
+  (every other answer is always logged); 1, the default, logs every request.
+
+It also answers the routes a crowd sends by the thousand (``hot``: reserve and GET sale) itself:
+it matches them and calls their endpoint with the app's own exception handlers, without the
+router's, the exception middleware's and ``request_response``'s wrappers around each request.
+They stay ordinary Starlette routes, reached through the router whenever this is not in front.
+One middleware rather than two, and the log record built without the logging module's caller
+lookup: on a sold-out crowd these layers cost more than the answer itself (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -12,8 +24,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
@@ -43,9 +58,47 @@ def route_of(scope: Scope) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
-class RequestLog:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+def sampled(status: int) -> bool:
+    """Answers a crowd gets by the thousand; every other one is always logged."""
+    return status < 300 or status == 409
+
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class Edge:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        log_sample: int = 1,
+        hot: Sequence[Route] = (),
+        handlers: Mapping[type[Exception], Handler] | None = None,
+    ) -> None:
+        self.app, self.limit, self.sample = app, max_in_flight, max(1, log_sample)
+        self.hot, self.handlers = hot, dict(handlers or {})
+        self.in_flight = 0
+        self._answered = 0
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for route in self.hot:
+            if route.methods and scope["method"] not in route.methods:
+                continue
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child)
+                scope["route"] = route
+                request = Request(scope, receive, send)
+                try:
+                    response: Response = await route.endpoint(request)
+                except Exception as exc:
+                    handler = next((h for t, h in self.handlers.items() if isinstance(exc, t)), None)
+                    if handler is None:
+                        raise
+                    response = await handler(request, exc)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,11 +112,19 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = rid
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.in_flight >= self.limit:
+                shed = ApiError("unavailable", "the service is at capacity", retry_after=1).response()
+                await shed(scope, receive, send_with_id)
+                return
+            self.in_flight += 1
+            try:
+                await self._route(scope, receive, send_with_id)
+            finally:
+                self.in_flight -= 1
         except Exception:
             if status:  # the response has begun: nothing better to do than let the server see it
                 raise
@@ -72,17 +133,23 @@ class RequestLog:
             crash.exception("unhandled error", extra={"request_id": rid})
             await ApiError("internal", "internal error; it has been logged").response()(scope, receive, send_with_id)
         finally:
-            seconds = time.perf_counter() - started
-            route = route_of(scope)
-            metrics.request(scope["method"], route, status or 500, seconds)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request",
-                    extra={
-                        "request_id": rid,
-                        "method": scope["method"],
-                        "route": route,
-                        "status": status or 500,
-                        "duration_ms": round(seconds * 1000, 2),
-                    },
-                )
+            self._finish(scope, rid, status or 500, time.perf_counter() - started)
+
+    def _finish(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
+        route = route_of(scope)
+        metrics.request(scope["method"], route, status, seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        if self.sample > 1 and sampled(status):
+            self._answered += 1
+            if self._answered % self.sample:
+                return
+        fields = {
+            "request_id": rid,
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+        }
+        # makeRecord + handle: what log.info does, less its walk up the stack for the caller.
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields))

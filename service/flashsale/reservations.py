@@ -17,6 +17,7 @@ from typing import Literal, cast
 
 from redis.asyncio import Redis
 
+from . import metrics
 from .errors import ApiError
 from .keys import Keys
 from .sales import instant, now_ms
@@ -92,6 +93,7 @@ class Reservations:
         verdict = self.verdicts.recall(sale_id, sku, quantity)
         if verdict is not None and not (idem and await self._used(sale_id, user_id, idem)):
             self.tally.refused(sale_id, sku, verdict.code)
+            metrics.FROM_MEMORY.labels(verdict.code).inc()
             return reject(verdict.code, verdict.number)
         rid = new_rid(sale_id)
         ticket = self.verdicts.ticket(sale_id)

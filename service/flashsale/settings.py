@@ -67,6 +67,8 @@ class Settings:
     # Deliveries after which an entry that keeps failing is dead-lettered.
     max_deliveries: int = 5
     log_level: str = "INFO"
+    # One access-log line in this many of the 2xx and 409 answers (every other status always).
+    access_log_sample: int = 1
     lua_dir: Path = ROOT / "lua"
     migrations_dir: Path = ROOT / "migrations"
 
@@ -91,6 +93,7 @@ class Settings:
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", d.claim_idle_ms, 100),
             max_deliveries=_int(env, "FLASHSALE_MAX_DELIVERIES", d.max_deliveries, 1),
             log_level=_level(env, "LOG_LEVEL", d.log_level),
+            access_log_sample=_int(env, "FLASHSALE_ACCESS_LOG_SAMPLE", d.access_log_sample, 1),
         )
 
     def require_servers(self) -> None:
