@@ -43,7 +43,7 @@ async def create_sale(request: Request) -> Response:
 
 async def get_sale(request: Request) -> Response:
     svc = authorize(request, "storefront")
-    return json(await svc.sales.view(slug(request, "sale_id")))
+    return Response(await svc.sales.view_json(slug(request, "sale_id")), media_type="application/json")
 
 
 async def reserve(request: Request) -> Response:

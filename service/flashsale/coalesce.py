@@ -24,7 +24,8 @@ class Coalescer:
     def __init__(self, redis: Redis, sources: dict[str, str] | None = None) -> None:
         self.redis = redis
         self.sources = sources or {}  # sha -> Lua source, for NOSCRIPT
-        self.round_trips = 0  # pipelines sent: calls / round_trips is the coalescing achieved
+        self.round_trips = 0  # pipelines sent
+        self.commands = 0  # commands sent in them: commands / round_trips is the coalescing achieved
         self.ticks = 0  # batches flushed; a caller may join a call made in the same tick (see joinable)
         self._queue: list[tuple[Args, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -79,6 +80,7 @@ class Coalescer:
         for args in commands:
             pipe.execute_command(*args)
         self.round_trips += 1
+        self.commands += len(commands)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 

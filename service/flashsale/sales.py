@@ -17,7 +17,19 @@ from redis.asyncio import Redis
 
 from .errors import ApiError
 from .keys import GROUP, Keys
-from .schemas import DIGITS, MAX_STOCK, SLUG, ItemIn, ItemOut, SaleIn, SaleOut, SalePage, SalePatch, SaleStatus
+from .schemas import (
+    DIGITS,
+    MAX_STOCK,
+    SLUG,
+    ItemIn,
+    ItemOut,
+    SaleIn,
+    SaleOut,
+    SalePage,
+    SalePatch,
+    SaleStatus,
+    encoder,
+)
 from .scripts import Scripts
 
 ITEM_FIELDS = ("stock_total", "available", "held", "confirmed", "per_user_limit")
@@ -92,7 +104,10 @@ class Sales:
     _skus: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     # sale id -> (tick, the read of it queued in that tick): reads of one sale that arrive in the
     # same tick share one Redis read (single flight), and only while it has not been sent.
-    _reading: dict[str, tuple[int, asyncio.Task[SaleOut]]] = field(default_factory=dict, repr=False, compare=False)
+    # The read's result is kept encoded too: a crowd's readers of one sale share the bytes.
+    _reading: dict[str, tuple[int, asyncio.Task[tuple[SaleOut, bytes]]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     async def create(self, sale: SaleIn) -> SaleOut:
         validate(sale)
@@ -125,15 +140,26 @@ class Sales:
         """One sale in one round trip (``lua/sale_view.lua``): the crowd reads the sale ~10 times
         per reservation, so this is the busiest request there is. Readers of one sale in one tick
         share the read; each answer was read after its request arrived."""
+        return (await self._shared_view(sale_id))[0]
+
+    async def view_json(self, sale_id: str) -> bytes:
+        """``view``, as the JSON the API sends, encoded once for all the readers of a tick."""
+        return (await self._shared_view(sale_id))[1]
+
+    async def _shared_view(self, sale_id: str) -> tuple[SaleOut, bytes]:
         calls = self.scripts.calls
         reading = self._reading.get(sale_id)
         if reading is None or not calls.joinable(reading[0]):
-            reading = (calls.ticks, asyncio.ensure_future(self._view(sale_id)))
+            reading = (calls.ticks, asyncio.ensure_future(self._encoded_view(sale_id)))
             self._reading[sale_id] = reading
             reading[1].add_done_callback(lambda task: self._done_reading(sale_id, task))
         return await asyncio.shield(reading[1])  # shielded: one reader gone must not cancel the others' read
 
-    def _done_reading(self, sale_id: str, task: asyncio.Task[SaleOut]) -> None:
+    async def _encoded_view(self, sale_id: str) -> tuple[SaleOut, bytes]:
+        sale = await self._view(sale_id)
+        return sale, encoder.encode(sale)
+
+    def _done_reading(self, sale_id: str, task: asyncio.Task[tuple[SaleOut, bytes]]) -> None:
         if not task.cancelled():
             task.exception()  # seen here, so a read whose readers all left is not logged as lost
         if self._reading.get(sale_id, (0, None))[1] is task:
