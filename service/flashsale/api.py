@@ -57,10 +57,10 @@ async def reserve(request: Request) -> Response:
     ask = await body(request, ReserveIn)
     outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
     if isinstance(outcome, ApiError):  # a refusal is an answer, not an exception: no raise on the hot path
-        metrics.RESERVATIONS.labels(outcome.code).inc()
+        metrics.reserved(outcome.code)
         return outcome.response()
     reservation, created = outcome
-    metrics.RESERVATIONS.labels("created" if created else "replayed").inc()
+    metrics.reserved("created" if created else "replayed")
     return json(reservation, 201 if created else 200)
 
 

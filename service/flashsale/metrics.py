@@ -74,6 +74,26 @@ def request(method: str, route: str, status: int, seconds: float) -> None:
     children[1].observe(seconds)
 
 
+_counted: dict[tuple[Counter, str], Counter] = {}
+
+
+def _count(counter: Counter, label: str) -> None:
+    child = _counted.get((counter, label))
+    if child is None:
+        child = _counted[(counter, label)] = counter.labels(label)
+    child.inc()
+
+
+def reserved(outcome: str) -> None:
+    """One reserve decided: created, replayed, or the error code."""
+    _count(RESERVATIONS, outcome)
+
+
+def from_memory(code: str) -> None:
+    """One refusal given from memory (it is counted by ``reserved`` too)."""
+    _count(FROM_MEMORY, code)
+
+
 def committed(entry_ids: Sequence[str]) -> None:
     """A batch of stream entries is in Postgres; their ids carry the ms they were added."""
     BATCH.observe(len(entry_ids))

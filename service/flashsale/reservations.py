@@ -93,7 +93,7 @@ class Reservations:
         verdict = self.verdicts.recall(sale_id, sku, quantity)
         if verdict is not None and not (idem and await self._used(sale_id, user_id, idem)):
             self.tally.refused(sale_id, sku, verdict.code)
-            metrics.FROM_MEMORY.labels(verdict.code).inc()
+            metrics.from_memory(verdict.code)
             return reject(verdict.code, verdict.number)
         rid = new_rid(sale_id)
         ticket = self.verdicts.ticket(sale_id)
