@@ -12,11 +12,12 @@ from typing import Any, cast
 
 import asyncpg
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from flashsale import db
 from flashsale.keys import GROUP, Keys
-from flashsale.persister import Persister, write
+from flashsale.persister import POISON, Persister, write
 from flashsale.reconcile import reconcile
 from flashsale.settings import Settings
 
@@ -114,6 +115,44 @@ async def test_a_final_status_never_goes_back_to_held(
     await write(pg, sale["id"], [reserved, confirmed])  # both in one batch
     await write(pg, sale["id"], [reserved])
     assert await rows(pg, sale["id"]) == {rid: "confirmed"}
+
+
+async def test_a_batch_reaches_postgres_field_by_field_and_postgres_refuses_bad_values(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection
+) -> None:
+    """write() sends a batch as one JSON text of its entries, read back by field name: each field
+    lands in its column (one a reserve event lacks, payment_ref, is NULL), and a value no column
+    holds is refused by Postgres as POISON, so handle() can write the batch one by one."""
+    sale = await create_sale(client)
+    rid = (await reserve(client, sale["id"], key="k1")).json()["reservation_id"]
+    await client.post(f"/v1/reservations/{rid}/confirm", json={"user_id": "u1", "payment_ref": "p"})
+    rid2 = (await reserve(client, sale["id"], user="u2", qty=2)).json()["reservation_id"]
+    created, reserved, confirmed, reserved2 = await events(redis, keys, sale["id"])
+    await write(pg, sale["id"], [confirmed, created, reserved, reserved2])  # held and confirmed in one batch
+    found = {r["id"]: r for r in await pg.fetch("SELECT * FROM reservations WHERE sale_id = $1", sale["id"])}
+
+    def at(ms: str) -> datetime:
+        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(ms))
+
+    for (_, event), row in ((confirmed, found[rid]), (reserved2, found[rid2])):
+        assert (row["sku"], row["user_id"], row["quantity"], row["status"], row["idempotency_key"]) == (
+            event["sku"],
+            event["user"],
+            int(event["qty"]),
+            event["status"],
+            event["idem"],
+        )
+        assert (row["created_at"], row["expires_at"]) == (at(event["created_ms"]), at(event["expires_ms"]))
+    assert found[rid]["idempotency_key"] == "k1" and found[rid]["payment_ref"] == "p"
+    assert found[rid]["confirmed_at"] == at(confirmed[1]["at_ms"]) and found[rid]["released_at"] is None
+    assert found[rid2]["quantity"] == 2 and found[rid2]["payment_ref"] is None and found[rid2]["confirmed_at"] is None
+    before = await pg.fetch("SELECT * FROM reservations ORDER BY id")
+    await write(pg, sale["id"], [reserved])  # the older held event, replayed after the final one
+    for bad in ({"user": "a\x00b"}, {"qty": str(2**31)}, {"expires_ms": str(2**63)}):
+        entry = (f"{reserved[0]}-bad", {**reserved[1], "rid": f"{sale['id']}.bad", **bad})
+        with pytest.raises(POISON):
+            await write(pg, sale["id"], [reserved, entry])
+    assert await pg.fetch("SELECT * FROM reservations ORDER BY id") == before
 
 
 async def test_a_malformed_entry_is_dead_lettered_and_the_rest_persisted(
