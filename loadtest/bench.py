@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -36,7 +39,7 @@ import httpx
 from redis.asyncio import Redis
 
 from flashsale.embedded import free_port
-from loadtest.services import ROOT, Stack, interrupt_on_signals, stack, wait_ready
+from loadtest.services import ROOT, Stack, interrupt_on_signals, stack, stop_process, wait_ready
 
 REPORTS = ROOT / "loadtest" / "reports"
 RESERVE_LUA = ROOT / "loadtest" / "wrk" / "reserve.lua"
@@ -53,6 +56,7 @@ class Result:
     requests: int = 0
     non_2xx: int = 0
     socket_errors: int = 0
+    timeouts: int = 0  # requests wrk gave up on (its --timeout)
 
 
 def _ms(value: str) -> float:
@@ -78,6 +82,8 @@ def parse_wrk(label: str, text: str) -> Result:
             r.non_2xx = int(words[-1])
         elif line.strip().startswith("Socket errors"):
             r.socket_errors = sum(int(n) for n in re.findall(r"\d+", line))
+            timeouts = re.search(r"timeout (\d+)", line)
+            r.timeouts = int(timeouts[1]) if timeouts else 0
     return r
 
 
@@ -88,9 +94,12 @@ def wrk(
     seconds: float,
     headers: tuple[str, ...] = (),
     script: tuple[str, ...] = (),
+    connections: int = 0,
+    timeout_s: float = 10.0,
 ) -> Result:
     """One wrk run; ``script`` is (lua file, its arguments...)."""
-    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s"]
+    cmd = ["wrk", f"-t{args.threads}", f"-c{connections or args.connections}", f"-d{seconds:g}s", "--latency"]
+    cmd += ["--timeout", f"{timeout_s:g}s"]
     for h in headers:
         cmd += ["-H", h]
     if script:
@@ -102,12 +111,19 @@ def wrk(
 
 
 def measure(
-    label: str, url: str, args: argparse.Namespace, headers: tuple[str, ...] = (), script: tuple[str, ...] = ()
+    label: str,
+    url: str,
+    args: argparse.Namespace,
+    headers: tuple[str, ...] = (),
+    script: tuple[str, ...] = (),
+    connections: int = 0,
+    timeout_s: float = 10.0,
 ) -> Result:
     print(f"  {label} ...", end="", flush=True)
-    wrk(label, url, args, args.warmup, headers, script)  # warm caches, pools, JITs; not counted
-    r = wrk(label, url, args, args.duration, headers, script)
-    print(f" {r.rps:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms", flush=True)
+    wrk(label, url, args, args.warmup, headers, script, connections, timeout_s)  # warm caches and pools; not counted
+    r = wrk(label, url, args, args.duration, headers, script, connections, timeout_s)
+    timeouts = f", {r.timeouts} timeouts" if r.timeouts else ""
+    print(f" {r.rps:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms{timeouts}", flush=True)
     return r
 
 
@@ -123,9 +139,9 @@ def sale_body(sale_id: str, stock: int, limit: int) -> dict[str, Any]:
     }
 
 
-def create_sale(s: Stack, sale_id: str, stock: int, limit: int = 1_000_000) -> str:
+def create_sale(s: Stack, sale_id: str, stock: int, limit: int = 1_000_000, url: str = "") -> str:
     r = httpx.post(
-        f"{s.base_url}/v1/sales",
+        f"{url or s.base_url}/v1/sales",
         json=sale_body(sale_id, stock, limit),
         timeout=30,
         headers={"Authorization": f"Bearer {s.ops_key}"},
@@ -191,6 +207,7 @@ class Drain:
     events: int = 0
     rows_per_s: float = 0.0
     first_batch_s: float = 0.0
+    cpu_us_per_row: float = 0.0  # the worker process's CPU (user + system) over the same rows as rows_per_s
     bytes_queued: float = 0.0  # Redis memory per hold while its event waits in the stream
     bytes_settled: float = 0.0  # ... once the event is persisted and trimmed
 
@@ -198,6 +215,8 @@ class Drain:
 def drain_and_memory(s: Stack, args: argparse.Namespace) -> Drain:
     """Events queued with the worker stopped, then the time the worker takes to persist them;
     Redis memory before, with the holds and their queued events, and after the stream is trimmed."""
+    import psutil
+
     d = Drain()
     s.stop_worker()
     sale_id = create_sale(s, f"bench-drain-{int(time.time())}", 10_000_000)
@@ -214,21 +233,29 @@ def drain_and_memory(s: Stack, args: argparse.Namespace) -> Drain:
     print(f"  drain: {d.events:,} events queued with the worker stopped; starting it", flush=True)
     started = time.monotonic()
     s.start_worker()
-    first_at, first_left = 0.0, d.events
+    worker = psutil.Process(s.children["worker"].pid)  # `flashsale worker`: one process, no children
+
+    def cpu_s() -> float:
+        t = worker.cpu_times()
+        return float(t.user + t.system)
+
+    first_at, first_left, first_cpu = 0.0, d.events, 0.0
     deadline = started + 300
     while True:
         left = asyncio.run(_backlog(s, sale_id))
         now = time.monotonic()
-        if left < d.events and not first_at:
-            first_at, first_left = now, left
+        if left < d.events and not first_at:  # from here on, start-up (imports, connections) is behind us
+            first_at, first_left, first_cpu = now, left, cpu_s()
             d.first_batch_s = now - started
         if left == 0 or now > deadline:
             break
         time.sleep(0.02)
     if first_at and now > first_at:
         d.rows_per_s = first_left / (now - first_at)
+        d.cpu_us_per_row = (cpu_s() - first_cpu) / max(1, first_left) * 1e6
     print(
-        f"  drain: {d.rows_per_s:,.0f} rows/s (first batch {d.first_batch_s:.2f} s after the worker started)",
+        f"  drain: {d.rows_per_s:,.0f} rows/s, worker CPU {d.cpu_us_per_row:.1f} us/row"
+        f" (first batch {d.first_batch_s:.2f} s after the worker started)",
         flush=True,
     )
     time.sleep(7)  # the persister trims acknowledged entries every 5 s
@@ -248,17 +275,145 @@ def table(rows: list[Result], lag: tuple[int, float, float], d: Drain, args: arg
     for r in rows:
         lines.append(
             f"| {r.label} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.rps / ceiling:.2f} |"
-            f" {r.non_2xx:,}{f' ({r.socket_errors} socket errors)' if r.socket_errors else ''} |"
+            f" {r.non_2xx:,}{f' ({r.socket_errors} socket errors, {r.timeouts} timeouts)' if r.socket_errors else ''} |"
         )
     lines += [
         "",
         "| persister and Redis | value |",
         "| --- | ---: |",
-        f"| drain rate ({d.events:,} events queued with the worker stopped) | {d.rows_per_s:,.0f} rows/s |",
+        f"| drain rate ({d.events:,} events queued with the worker stopped), worker CPU per row |"
+        f" {d.rows_per_s:,.0f} rows/s, {d.cpu_us_per_row:.1f} us/row |",
         f"| persistence lag during (b), p50 / p99 ({lag[0]:,} rows) | {lag[1]:.0f} ms / {lag[2]:.0f} ms |",
         f"| Redis memory per held reservation, event still queued | {d.bytes_queued:,.0f} bytes |",
         f"| Redis memory per held reservation, event persisted and trimmed | {d.bytes_settled:,.0f} bytes |",
     ]
+    return "\n".join(lines)
+
+
+# The service as production runs it (INFO: one JSON access line per request), minus the per-user
+# rate limit, which a generator sending from one address would hit.
+SERVICE_ENV = {"FLASHSALE_USER_RATE": "0", "LOG_LEVEL": "INFO"}
+ROWS = ("b", "c", "c'", "d")
+# Settings that switch a lever off, each measured against the service as it runs by default.
+LEVERS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "refusals from memory (FLASHSALE_VERDICT_TTL_MS=0 vs 200)": ({"FLASHSALE_VERDICT_TTL_MS": "0"}, ("c", "c'")),
+    "access log line (LOG_LEVEL=INFO vs WARNING)": ({"LOG_LEVEL": "WARNING"}, ("b",)),
+}
+
+
+@dataclass
+class Pair:
+    lever: str
+    before: Result
+    after: Result
+
+
+def sold_out_sale(s: Stack, sale_id: str, url: str) -> str:
+    create_sale(s, sale_id, 1, url=url)
+    httpx.post(
+        f"{url}/v1/sales/{sale_id}/reservations",
+        headers={"Authorization": f"Bearer {s.store_key}"},
+        json={"user_id": "first", "sku": SKU, "quantity": 1},
+        timeout=10,
+    ).raise_for_status()
+    return sale_id
+
+
+class Sales:
+    """The benchmark's sales on one service: one with stock for ever, one sold out."""
+
+    def __init__(self, s: Stack, url: str, tag: str) -> None:
+        self.s, self.url = s, url
+        self.big = create_sale(s, f"bench-stock-{tag}", 10_000_000, url=url)
+        self.gone = sold_out_sale(s, f"bench-gone-{tag}", url)
+
+    def row(self, name: str, args: argparse.Namespace, label: str = "", connections: int = 0) -> Result:
+        s, url = self.s, self.url
+        reserve = f"/v1/sales/{self.big}/reservations"
+        gone = f"/v1/sales/{self.gone}/reservations"
+        users = f"{name[0]}{secrets.token_hex(3)}-"  # new users on every run
+        script: tuple[str, ...]
+        if name == "b":
+            script = (str(RESERVE_LUA), reserve, SKU, s.store_key, users)
+            return measure(label or "(b) reserve while stock lasts", url + reserve, args, script=script)
+        if name in ("c", "c'", "f"):
+            script = (str(RESERVE_LUA), gone, SKU, s.store_key, users)
+            script += ("nokey",) if name == "c'" else ()
+            default = {
+                "c": "(c) reserve once sold out",
+                "c'": "(c') reserve once sold out, no Idempotency-Key",
+                "f": f"(f) {connections} connections on a sold-out item, wrk timeout 2 s",
+            }[name]
+            return measure(
+                label or default,
+                url + gone,
+                args,
+                script=script,
+                connections=connections,
+                timeout_s=2 if name == "f" else 10,
+            )
+        if name == "d":
+            store = (f"Authorization: Bearer {s.store_key}",)
+            return measure(label or "(d) GET sale", f"{url}/v1/sales/{self.big}", args, headers=store)
+        raise ValueError(f"no row {name!r}")
+
+
+def lever_pairs(s: Stack, mine: Sales, args: argparse.Namespace) -> list[Pair]:
+    """Each lever off (a second service beside the first, same servers) against it on, row by row."""
+    pairs: list[Pair] = []
+    for n, (lever, (off, rows)) in enumerate(LEVERS.items()):
+        print(f"  lever: {lever}", flush=True)
+        url = s.serve(1, {**SERVICE_ENV, **off}, name=f"lever{n}", port=free_port())
+        theirs = Sales(s, url, f"lever{n}-{int(time.time())}")
+        for row in rows:
+            before = theirs.row(row, args, f"{row}, lever off")
+            after = mine.row(row, args, f"{row}, lever on")
+            pairs.append(Pair(f"{lever}: ({row})", before, after))
+        stop_process(s.children.pop(f"lever{n}"))
+    return pairs
+
+
+def compare_pairs(s: Stack, mine: Sales, args: argparse.Namespace) -> list[Pair]:
+    """The service at another revision (a git worktree) beside this one, on the same servers, with a
+    key prefix and a persister of its own, row by row."""
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.compare], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = Path(tempfile.mkdtemp(prefix=f"flashsale-bench-{rev}-"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True)
+    try:
+        env = {
+            **SERVICE_ENV,
+            "PYTHONPATH": f"{tree / 'service'}:{ROOT}",
+            "FLASHSALE_KEY_PREFIX": f"{s.key_prefix}:{rev}",
+        }
+        s.spawn("worker-compare", s.flashsale("worker"), env)
+        url = s.serve(1, env, name="compare", port=free_port())
+        theirs = Sales(s, url, f"{rev}-{int(time.time())}")
+        pairs = []
+        for row in args.compare_rows.split(","):
+            before = theirs.row(row, args, f"{row}, at {rev}")
+            after = mine.row(row, args, f"{row}, now")
+            pairs.append(Pair(f"{rev} -> now: ({row})", before, after))
+        for name in ("compare", "worker-compare"):
+            stop_process(s.children.pop(name))
+        return pairs
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False, capture_output=True)
+
+
+def pair_table(pairs: list[Pair], ceiling: float) -> str:
+    lines = [
+        "| lever: (row) | before req/s | after req/s | after / before | before vs (a) | after vs (a) "
+        "| p99 ms before / after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in pairs:
+        lines.append(
+            f"| {p.lever} | {p.before.rps:,.0f} | {p.after.rps:,.0f} | {p.after.rps / (p.before.rps or 1):.2f}x |"
+            f" {p.before.rps / ceiling:.2f} | {p.after.rps / ceiling:.2f} |"
+            f" {p.before.p99_ms:.1f} / {p.after.p99_ms:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -271,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1 leaves the other core to the server)")
     parser.add_argument("--drain-load", type=float, default=5.0, help="seconds of reserves queued for the drain")
+    parser.add_argument("--crowd", type=int, default=1000, help="connections of row (f)")
+    parser.add_argument("--levers", action="store_true", help="also each lever of LEVERS off vs on, side by side")
+    parser.add_argument("--compare", metavar="REV", help="also the service at git revision REV vs this tree")
+    parser.add_argument("--compare-rows", default="b,c,d", help="rows for --compare (of b, c, c', d)")
+    parser.add_argument("--only", action="store_true", help="with --levers / --compare: skip the main table")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (make bench does it)")
@@ -278,10 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_signals()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = REPORTS / f"bench-{stamp}.md"
+    pairs: list[Pair] = []
+    rows: list[Result] = []
     try:
         with stack(REPORTS / f"bench-{stamp}.service.log") as s:
             s.start_worker()
-            s.serve(1, {"FLASHSALE_USER_RATE": "0"})
+            s.serve(1, SERVICE_ENV)
             asyncio.run(_pg(s, "DROP TABLE IF EXISTS refbench_stock, refbench_orders"))
             uvicorn = [
                 sys.executable,
@@ -303,43 +465,30 @@ def main(argv: list[str] | None = None) -> int:
             pg_app = s.spawn("pg_stock", [*uvicorn, "--port", str(pg_port), "loadtest.reference:pg_stock"])
             wait_ready(f"http://127.0.0.1:{pg_port}/ping", pg_app)  # its tables exist once it answers
             asyncio.run(_pg(s, "INSERT INTO refbench_stock VALUES ('item', 10000000)"))
-            store = (f"Authorization: Bearer {s.store_key}",)
-            big = create_sale(s, f"bench-stock-{stamp[-6:]}", 10_000_000)
-            gone = create_sale(s, f"bench-gone-{stamp[-6:]}", 1)
-            httpx.post(
-                f"{s.base_url}/v1/sales/{gone}/reservations",
-                headers={"Authorization": f"Bearer {s.store_key}"},
-                json={"user_id": "first", "sku": SKU, "quantity": 1},
-                timeout=10,
-            ).raise_for_status()
+            mine = Sales(s, s.base_url, stamp[-6:])
             print(
                 f"benchmarking on {s.base_url} (service), :{ceiling_port} (ceiling), :{pg_port} (pg_stock)", flush=True
             )
-            rows = [
-                measure("(a) Starlette JSON route (ceiling)", f"http://127.0.0.1:{ceiling_port}/ping", args),
-                measure(
-                    "(b) reserve while stock lasts",
-                    f"{s.base_url}/v1/sales/{big}/reservations",
-                    args,
-                    script=(str(RESERVE_LUA), f"/v1/sales/{big}/reservations", SKU, s.store_key, "b"),
-                ),
-                measure(
-                    "(c) reserve once sold out",
-                    f"{s.base_url}/v1/sales/{gone}/reservations",
-                    args,
-                    script=(str(RESERVE_LUA), f"/v1/sales/{gone}/reservations", SKU, s.store_key, "c"),
-                ),
-                measure("(d) GET sale", f"{s.base_url}/v1/sales/{big}", args, headers=store),
-                measure(
-                    "(e) Postgres row, conditional UPDATE + INSERT",
-                    f"http://127.0.0.1:{pg_port}/reserve",
-                    args,
-                    script=(str(RESERVE_LUA), "/reserve", SKU, s.store_key, "e"),
-                ),
-            ]
-            wait_drained(s, big)
-            lag = asyncio.run(_lag(s, big))
-            drained = drain_and_memory(s, args)
+            rows.append(measure("(a) Starlette JSON route (ceiling)", f"http://127.0.0.1:{ceiling_port}/ping", args))
+            if not args.only:
+                rows += [mine.row(r, args) for r in ROWS]
+                rows.append(
+                    measure(
+                        "(e) Postgres row, conditional UPDATE + INSERT",
+                        f"http://127.0.0.1:{pg_port}/reserve",
+                        args,
+                        script=(str(RESERVE_LUA), "/reserve", SKU, s.store_key, "e"),
+                    )
+                )
+                rows.append(mine.row("f", args, connections=args.crowd))
+            if args.levers:
+                pairs += lever_pairs(s, mine, args)
+            if args.compare:
+                pairs += compare_pairs(s, mine, args)
+            if not args.only:
+                wait_drained(s, mine.big)
+                lag = asyncio.run(_lag(s, mine.big))
+                drained = drain_and_memory(s, args)
             asyncio.run(_pg(s, "DROP TABLE IF EXISTS refbench_stock, refbench_orders"))
     except KeyboardInterrupt:
         print("\ninterrupted; everything started here is stopped")
@@ -347,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
         print(f"bench failed: {exc}")
         return 1
-    text = table(rows, lag, drained, args)
+    text = table(rows, lag, drained, args) if not args.only else f"(a) ceiling: {rows[0].rps:,.0f} req/s"
+    if pairs:
+        text += "\n\nLevers, each measured off then on in the same run:\n\n" + pair_table(pairs, rows[0].rps or 1.0)
     out.write_text(text + "\n")
     print()
     print(text)

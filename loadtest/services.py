@@ -115,9 +115,16 @@ class Stack:
         if proc is not None:
             stop_process(proc)
 
-    def serve(self, workers: int = 1, env: Mapping[str, str] | None = None) -> None:
-        self.spawn("serve", self.flashsale("serve", "--port", str(self.port), "--workers", str(workers)), env)
-        wait_ready(f"{self.base_url}/readyz", self.children["serve"])
+    def serve(
+        self, workers: int = 1, env: Mapping[str, str] | None = None, name: str = "serve", port: int | None = None
+    ) -> str:
+        """`flashsale serve`; a ``name`` and ``port`` of its own for a second one beside the first
+        (the bench's side-by-side pairs). Returns its base URL once it is ready."""
+        port = port or self.port
+        self.spawn(name, self.flashsale("serve", "--port", str(port), "--workers", str(workers)), env)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/readyz", self.children[name])
+        return url
 
     def stop(self) -> None:
         for name in reversed(list(self.children)):
