@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from flashsale.embedded import free_port
 from flashsale.keys import Keys
+from flashsale.metrics import FLUSH_S
 from flashsale.persister import Persister
 from flashsale.settings import Settings
 
@@ -152,9 +153,40 @@ async def test_metrics_add_up_the_requests_of_every_uvicorn_worker(settings: Set
                 assert (await c.get(f"/v1/sales/{sale}")).status_code == 200
 
         await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.sleep(FLUSH_S + 0.5)  # each worker hands its counts to the shared files once a second
         seen = set()
         for _ in range(6):
             async with httpx.AsyncClient(base_url=url) as c:  # likely another worker each time
                 m = await scrape(c)
             seen.add(value(m, "flashsale_http_requests_total", method="GET", route="/v1/sales/{sale_id}", status="200"))
     assert seen == {n}
+
+
+def test_requests_added_up_between_flushes_give_what_observing_each_would() -> None:
+    from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+
+    from flashsale import metrics
+
+    seconds = [0.0005, 0.001, 0.003, 0.003, 0.2, 7.0, 11.0]  # on a bound, between, past the last
+    reference = Histogram("reference_latency", "", buckets=metrics.LATENCY_BUCKETS, registry=CollectorRegistry())
+    for s in seconds:
+        reference.observe(s)
+    labels = {"method": "GET", "route": "/test/flush", "status": "299"}
+
+    def ours() -> dict[str, float]:
+        return {
+            s.labels.get("le", "sum"): s.value
+            for family in REGISTRY.collect()
+            if family.name == "flashsale_http_request_duration_seconds"
+            for s in family.samples
+            if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith("_created")
+        }
+
+    for s in seconds:
+        metrics.request("GET", "/test/flush", 299, s)  # no loop running: flushed at once
+    theirs = {
+        s.labels.get("le", "sum"): s.value
+        for s in next(iter(reference.collect())).samples
+        if not s.name.endswith("_created")
+    }
+    assert ours() == theirs and theirs["+Inf"] == len(seconds)

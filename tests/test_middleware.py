@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -136,3 +137,33 @@ def test_flashsale_serve_honours_log_level_for_request_lines(
     assert OPS_KEY not in text
     lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
     assert any(x.get("request_id") == "lvl" and x.get("route") == "/healthz" for x in lines) is logged
+
+
+async def test_an_access_line_written_the_cheap_way_is_the_line_a_log_record_gives() -> None:
+    import io
+
+    from flashsale import logs
+
+    saved = logging.root.handlers[:], logging.root.level
+    try:
+        logs.setup_logging("INFO")
+        [handler] = logging.root.handlers
+        assert isinstance(handler, logs.TickHandler)
+        handler.stream = stream = io.StringIO()
+        fields: dict[str, object] = {
+            "request_id": "r1",
+            "method": "GET",
+            "route": "/x",
+            "status": 200,
+            "duration_ms": 1.5,
+        }
+        access = logging.getLogger("flashsale.access")
+        logs.access(access, fields)
+        await asyncio.sleep(0)  # written at the end of the tick
+        cheap = json.loads(stream.getvalue())
+        record = access.makeRecord(access.name, logging.INFO, __file__, 0, "request", (), None, extra=fields)
+        full = json.loads(handler.format(record))
+        assert cheap.pop("ts")[:19] == full.pop("ts")[:19] and cheap == full
+    finally:
+        logging.root.handlers[:], level = saved
+        logging.root.setLevel(level)

@@ -200,6 +200,7 @@ def create_app(settings: Settings) -> Starlette:
             stop.set()
             await asyncio.gather(*background)
             await tally.flush()  # counts of the last requests, after the loops stopped taking more
+            metrics.flush_requests()
             await scripts.calls.close()
             await app.state.monitor.close()
             await pool.close()

@@ -15,9 +15,12 @@ Two kinds of numbers:
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,11 +35,12 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 REQUESTS = Counter(
     "flashsale_http_requests", "HTTP requests answered, by route template and status", ["method", "route", "status"]
 )
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY = Histogram(
     "flashsale_http_request_duration_seconds",
     "Time to answer a request (a stream: its life)",
     ["method", "route", "status"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=LATENCY_BUCKETS,
 )
 RESERVATIONS = Counter(
     "flashsale_reservations", "Reserve calls decided: created, replayed, or the error code", ["outcome"]
@@ -60,18 +64,48 @@ LAG = Histogram(
 DEAD = Counter("flashsale_persister_dead_lettered", "Events the persister moved to a dead-letter stream")
 
 
-_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+FLUSH_S = 1.0  # requests counted in this process reach prometheus_client at most this late
+# (method, route, status) -> [requests, seconds in all, requests per latency bucket]
+_pending: dict[tuple[str, str, int], list[Any]] = {}
+_flush_due: asyncio.TimerHandle | None = None
 
 
 def request(method: str, route: str, status: int, seconds: float) -> None:
-    """One request counted and timed. The labelled children are kept here: ``labels()`` takes a
-    lock and builds its key on every call, which a crowd pays thousands of times a second."""
-    children = _children.get((method, route, status))
-    if children is None:
+    """One request counted and timed, added up here and handed to prometheus_client once a second
+    (``flush_requests``): its labels(), locks and per-bucket writes cost more per request than the
+    sold-out answer itself. A scrape of this process flushes first; another process's scrape, in
+    multiprocess mode, sees this one's counts at most FLUSH_S late."""
+    global _flush_due
+    entry = _pending.get((method, route, status))
+    if entry is None:
+        entry = _pending[(method, route, status)] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+    entry[0] += 1
+    entry[1] += seconds
+    entry[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    if _flush_due is None:
+        try:
+            _flush_due = asyncio.get_running_loop().call_later(FLUSH_S, flush_requests)
+        except RuntimeError:  # no loop: nothing would flush later
+            flush_requests()
+
+
+def flush_requests() -> None:
+    global _flush_due
+    if _flush_due is not None:
+        _flush_due.cancel()
+        _flush_due = None
+    pending = list(_pending.items())
+    _pending.clear()
+    for (method, route, status), (n, total, buckets) in pending:
         labels = (method if method in METHODS else "other", route, str(status))
-        children = _children[(method, route, status)] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
-    children[0].inc()
-    children[1].observe(seconds)
+        REQUESTS.labels(*labels).inc(n)
+        latency = LATENCY.labels(*labels)
+        # What Histogram.observe does per observation, once per bucket (prometheus_client has no
+        # bulk observe; tests/test_metrics.py checks this against observe()).
+        latency._sum.inc(total)
+        for i, count in enumerate(buckets):
+            if count:
+                latency._buckets[i].inc(count)
 
 
 _counted: dict[tuple[Counter, str], Counter] = {}
@@ -162,7 +196,8 @@ def _registry(collectors: Iterable[Collector]) -> CollectorRegistry:
 
 def exposition(sales: Sequence[SaleProgress], workers_alive: int | None) -> bytes:
     """The scrape: this process's metrics (or every process's, in multiprocess mode), then
-    Redis's. Reads files in multiprocess mode: call it off the event loop."""
+    Redis's. Reads files in multiprocess mode: call it off the event loop, after
+    ``flush_requests`` on it."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         counted = CollectorRegistry()
         MultiProcessCollector(counted)  # type: ignore[no-untyped-call]
