@@ -10,7 +10,7 @@ import hashlib
 import httpx
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from flashsale.coalesce import Coalescer
 from flashsale.keys import Keys
@@ -78,3 +78,12 @@ async def test_a_reader_that_comes_after_the_read_was_sent_gets_a_read_of_its_ow
     later = await sales.view(sale)
     assert calls.commands == before + 1 and later.items[0].available == 15
     assert (await first).items[0].available in (10, 15)
+
+
+async def test_a_reload_that_fails_fails_only_the_calls_redis_did_not_run(redis: Redis, keys: Keys) -> None:
+    calls = Coalescer(redis)  # knows no source: the reload of an unknown script cannot succeed
+    replies: list[object] = await asyncio.gather(
+        calls.call("INCR", f"{keys.prefix}:ran"), calls.evalsha("0" * 40, [], []), return_exceptions=True
+    )
+    assert replies[0] == 1 and isinstance(replies[1], NoScriptError)
+    assert await redis.get(f"{keys.prefix}:ran") == "1"  # and it ran once: not sent again

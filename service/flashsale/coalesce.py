@@ -57,23 +57,31 @@ class Coalescer:
     async def _send(self, batch: list[tuple[Args, asyncio.Future[Any]]]) -> None:
         try:
             replies = await self._pipeline([args for args, _ in batch])
-            missing = {args[1] for (args, _), r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)}
-            if missing:
-                replies = await self._reload(batch, replies, missing)
         except BaseException as exc:  # the connection failed: every caller of the batch hears it
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+            _fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its caller was cancelled (client gone)
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        again = [
+            (args, future) for (args, future), r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)
+        ]
+        _deliver([(f, r) for (_, f), r in zip(batch, replies, strict=True) if not isinstance(r, NoScriptError)])
+        if not again:
+            return
+        # Only the calls Redis did not run wait for the reload: the others have their answers, and a
+        # reload that fails must not turn a hold that was made into an error.
+        try:
+            for sha in {args[1] for args, _ in again}:
+                if sha not in self.sources:
+                    raise NoScriptError(f"no source for script {sha!r}")
+                await self.redis.script_load(self.sources[sha])
+            replies = await self._pipeline([args for args, _ in again])
+        except BaseException as exc:
+            _fail(again, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        _deliver([(f, r) for (_, f), r in zip(again, replies, strict=True)])
 
     async def _pipeline(self, commands: Sequence[Args]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
@@ -84,20 +92,23 @@ class Coalescer:
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    async def _reload(
-        self, batch: list[tuple[Args, asyncio.Future[Any]]], replies: list[Any], missing: set[Any]
-    ) -> list[Any]:
-        """Loads the scripts Redis lost and sends their calls again, once."""
-        unknown = [sha for sha in missing if sha not in self.sources]
-        if unknown:
-            raise NoScriptError(f"no source for script {unknown[0]}")
-        for sha in missing:
-            await self.redis.script_load(self.sources[sha])
-        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        for i, reply in zip(again, await self._pipeline([batch[i][0] for i in again]), strict=True):
-            replies[i] = reply
-        return replies
-
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+
+
+def _deliver(answers: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, reply in answers:
+        if future.done():  # its caller was cancelled (client gone)
+            continue
+        if isinstance(reply, Exception):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
+
+
+def _fail(calls: Sequence[tuple[Args, asyncio.Future[Any]]], exc: BaseException) -> None:
+    error = exc if isinstance(exc, Exception) else ConnectionError("the call was cancelled")
+    for _, future in calls:
+        if not future.done():
+            future.set_exception(error)

@@ -91,7 +91,12 @@ class Reservations:
         k = self.keys
         idem = idempotency_key or ""
         verdict = self.verdicts.recall(sale_id, sku, quantity)
-        if verdict is not None and not (idem and await self._used(sale_id, user_id, idem)):
+        if verdict is not None and idem:
+            # A key that made a reservation gets it back (a replay): only the script can say. Recalled
+            # again after that round trip, which a busy Redis can make long.
+            used = await self._used(sale_id, user_id, idem)
+            verdict = None if used else self.verdicts.recall(sale_id, sku, quantity)
+        if verdict is not None:
             self.tally.refused(sale_id, sku, verdict.code)
             metrics.from_memory(verdict.code)
             return reject(verdict.code, verdict.number)
