@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.invalidation import listen
+from flashsale.invalidation import HEALTH_CHECK_S, PONG_TIMEOUT_S, listen
 from flashsale.settings import Settings
 from flashsale.verdicts import Verdicts
 
@@ -132,3 +132,61 @@ async def test_a_killed_channel_connection_drops_every_verdict_and_the_replies_i
 def _remembers(verdicts: Verdicts) -> bool:
     verdicts.remember("s", "a", "sold_out", 0, verdicts.ticket("s"))
     return verdicts.recall("s", "a", 1) is not None
+
+
+async def test_a_quiet_channel_that_answers_its_pings_stays_trusted(listening: tuple[Verdicts, str, str]) -> None:
+    verdicts, _, _ = listening
+    verdicts.remember("s", "a", "sold_out", 0, verdicts.ticket("s"))
+    await asyncio.sleep(HEALTH_CHECK_S + PONG_TIMEOUT_S + 1.0)  # past a ping and the wait for its pong
+    assert verdicts.trusted and verdicts.recall("s", "a", 1) is not None
+
+
+class Blackhole:
+    """A loopback TCP proxy to Redis that can stop forwarding while keeping the connection open:
+    a peer gone without a word, as a failover or a firewall dropping the flow leaves it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target, self.forwarding = (host, port), True
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if self.forwarding:
+                    dst.write(data)
+                    await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_channel_that_goes_silent_is_not_trusted_within_a_few_seconds(settings: Settings) -> None:
+    target = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+    hole = Blackhole(target["host"], target["port"])
+    port = await hole.start()
+    listener = Redis(host="127.0.0.1", port=port, db=target.get("db", 0), decode_responses=True)
+    verdicts, stop = Verdicts(60.0), asyncio.Event()
+    task = asyncio.create_task(listen(listener, f"{settings.key_prefix}:changes", verdicts, stop))
+    try:
+        await until(lambda: verdicts.trusted)
+        verdicts.remember("s", "a", "sold_out", 0, verdicts.ticket("s"))
+        hole.forwarding = False  # nothing more goes through, and nothing says so
+        lost = time.monotonic()
+        await until(lambda: verdicts.recall("s", "a", 1) is None, timeout=HEALTH_CHECK_S + PONG_TIMEOUT_S + 2)
+        assert time.monotonic() - lost <= HEALTH_CHECK_S + PONG_TIMEOUT_S + 1
+    finally:
+        stop.set()
+        hole.forwarding = True
+        await asyncio.wait_for(task, 10)
+        await listener.aclose()
+        await hole.close()

@@ -1,8 +1,11 @@
 """Listens on the changes channel and makes ``Verdicts`` forget what a change made stale.
 
 Its own connection (pub/sub holds one). While it is down, or not yet subscribed, the process
-answers nothing from memory; a health-check PING every few seconds finds a connection that
-died without a word. Stopped by an event, like the sweeper.
+answers nothing from memory. A quiet channel is PINGed every HEALTH_CHECK_S, and a PONG that
+does not come back within PONG_TIMEOUT_S counts as a lost connection: a peer gone without a word
+(a failover, a firewall dropping the flow) is found within about two seconds, not when TCP gives
+up. Until then the verdicts' own time limit (FLASHSALE_VERDICT_TTL_MS) bounds a stale answer.
+Stopped by an event, like the sweeper.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -18,21 +22,34 @@ from .verdicts import Verdicts
 
 log = logging.getLogger("flashsale.invalidation")
 
-HEALTH_CHECK_S = 2
+HEALTH_CHECK_S = 1.0
+PONG_TIMEOUT_S = 1.0
 MAX_BACKOFF_S = 1.0
+
+
+class Silent(ConnectionError):
+    """The channel's connection stopped answering PING."""
 
 
 async def listen(redis: Redis, channel: str, verdicts: Verdicts, stop: asyncio.Event) -> None:
     backoff = 0.05
     while not stop.is_set():
         pubsub = redis.pubsub()
+        pinged = 0.0  # when the unanswered PING went out; 0 for none
         try:
             await pubsub.subscribe(channel)
             while not stop.is_set():
-                message = await pubsub.get_message(timeout=HEALTH_CHECK_S)
+                message = await pubsub.get_message(timeout=PONG_TIMEOUT_S if pinged else HEALTH_CHECK_S)
+                now = time.monotonic()
+                if pinged and now - pinged > PONG_TIMEOUT_S:
+                    raise Silent(f"no PONG in {PONG_TIMEOUT_S:g} s")
                 if message is None:
-                    await pubsub.ping()  # a dead peer shows up as an error here, not as silence
-                elif message["type"] == "subscribe":
+                    if not pinged:
+                        await pubsub.ping()
+                        pinged = now
+                    continue
+                pinged = 0.0  # the connection answered: the PONG (in whatever shape redis-py gives it) or more
+                if message["type"] == "subscribe":
                     verdicts.channel(up=True)
                     backoff = 0.05
                 elif message["type"] == "message":

@@ -37,12 +37,16 @@ class Tally:
             pipe.hincrby(item, "attempts", n)
             pipe.hincrby(item, f"rej:{code}", n)
         try:
-            await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             # Kept for the next flush. Only if the connection died after Redis ran the EXEC but
             # before its reply came back are they counted twice: the lesser wrong, and rare.
             log.warning("could not add %d answers from memory to progress, retrying: %r", counts.total(), exc)
             self._counts.update(counts)
+            return
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if refused:  # a counter Redis will not add to (not a number): retrying cannot help
+            log.error("progress counters refused %d increments, dropped: %r", len(refused), refused[0])
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
