@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -108,10 +110,98 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> int:
         port=port,
         workers=workers,
         log_level=settings.log_level.lower(),
-        access_log=False,
+        access_log=False,  # the app writes its own JSON line (middleware.Edge)
         log_config=None,
+        # Nothing here reads the client address, so X-Forwarded-For need not be parsed on every request.
+        proxy_headers=False,
         **extra,  # type: ignore[arg-type]
     )
+    return 0
+
+
+GRANIAN_MISSING = "granian is not installed: pip install 'flashsale[granian]'"
+
+
+def _granian_installed() -> bool:
+    try:
+        import granian.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _granian_app(target: str) -> Any:
+    """Loads the app in a granian worker, and makes the worker's SIGTERM / SIGINT also end the
+    SSE streams (progress/stream): granian drains every open request before it runs the lifespan
+    shutdown, and sse-starlette ends its streams on its own only under uvicorn, so one open
+    dashboard kept a worker alive for ever. Its ``AppStatus.should_exit`` is the switch it has
+    for other servers."""
+    import logging
+
+    import granian._signals
+    from granian._internal import load_target
+
+    granian_signals: Callable[[asyncio.AbstractEventLoop], Any] | None = getattr(
+        granian._signals, "set_loop_signals", None
+    )
+    if granian_signals is None:  # its internals moved: tests/test_granian.py then fails on the open stream
+        logging.getLogger("flashsale.cli").warning("granian without set_loop_signals: SSE streams may delay a stop")
+        return load_target(target, factory=True)
+
+    def set_loop_signals(loop: asyncio.AbstractEventLoop) -> Any:
+        stopping = granian_signals(loop)  # the worker's shutdown event; its handlers are replaced below
+
+        def stop() -> None:
+            from sse_starlette.sse import AppStatus
+
+            AppStatus.should_exit = True
+            stopping.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        return stopping
+
+    granian._signals.set_loop_signals = set_loop_signals  # the worker looks it up after loading the app
+    return load_target(target, factory=True)
+
+
+def _serve_granian(host: str, port: int, workers: int, settings: Settings) -> int:
+    """The same app under granian (its Rust HTTP/1 server, asyncio + uvloop for the app), as
+    uvicorn runs it: the factory in every worker, ASGI lifespan on, no access log of its own."""
+    import multiprocessing
+
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    settings.require_servers()
+    if workers > 1:
+        _metrics_dir()
+    # Workers start as fresh interpreters, as uvicorn's do: forked ones would inherit the
+    # prometheus_client this process imported before PROMETHEUS_MULTIPROC_DIR was set, and
+    # count in memory where /metrics never reads.
+    multiprocessing.set_start_method("spawn", force=True)
+    # granian's own lines go through the root logger, so they come out as our JSON lines.
+    quiet = {"handlers": [], "propagate": True}
+    Server(
+        "flashsale.api:app_from_env",
+        address=host,
+        port=port,
+        workers=workers,
+        interface=Interfaces.ASGI,  # with lifespan: startup and shutdown (the last tally flush) run
+        factory=True,  # what _granian_app does with the target
+        http=HTTPModes.http1,
+        websockets=False,
+        loop=Loops.auto,
+        backlog=2048,  # uvicorn's
+        # granian holds requests past this many per worker; the app's own limit (503) comes first
+        backpressure=2 * settings.max_in_flight,
+        log_level=LogLevels(settings.log_level.lower()),
+        log_access=False,
+        log_dictconfig={"loggers": {"_granian": dict(quiet), "granian.access": dict(quiet)}},
+        # a worker that dies is started again, as uvicorn's supervisor does with --workers N
+        respawn_failed_workers=workers > 1,
+    ).serve(target_loader=_granian_app)
     return 0
 
 
@@ -234,19 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("dev", "everything on one machine, throwaway servers when no URLs are set"),
-        ("serve", "the HTTP API under uvicorn"),
+        ("serve", "the HTTP API under uvicorn (or granian: --server granian)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
         if name == "serve":
             p.add_argument("--workers", type=int, default=1)
+            p.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
     sub.add_parser("worker", help="the persister: drains the order queue into Postgres")
     sub.add_parser("migrate", help="apply migrations/*.sql in order, once each")
     p = sub.add_parser("reconcile", help="compare Redis and Postgres for a sale; exit 1 on any difference")
     p.add_argument("sale_id")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the queue to drain first")
     args = parser.parse_args(argv)
+    if getattr(args, "server", "uvicorn") == "granian" and not _granian_installed():
+        print(f"flashsale: {GRANIAN_MISSING}", file=sys.stderr)
+        return 2
     try:
         settings = Settings.from_env()
         setup_logging(settings.log_level)
@@ -254,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dev(args.host, args.port, settings)
         settings.require_servers()
         if args.command == "serve":
-            return _serve(args.host, args.port, args.workers, settings)
+            serve = _serve_granian if args.server == "granian" else _serve
+            return serve(args.host, args.port, args.workers, settings)
         if args.command == "worker":
             return _worker(settings)
         if args.command == "migrate":
