@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -20,21 +22,58 @@ from redis.asyncio import Redis
 from flashsale.settings import Settings
 
 from . import procs
-from .conftest import OPS, STORE
+from .conftest import OPS, OPS_KEY, RUN, STORE, STORE_KEY, Servers, with_database
 
 FRESH_S = 0.25
 TTL = {"FLASHSALE_VERDICT_TTL_MS": "60000", "FLASHSALE_SWEEP_MS": "50"}
 MEMORY = re.compile(r'^flashsale_refusals_from_memory_total\{code="([a-z_]+)"\} ([0-9.e+]+)$', re.M)
 
 
+# One pair of processes for the whole module (each test makes sales of its own), on one xdist
+# worker in file order: starting two API processes per test cost more than the tests.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("freshness")]
+Shared = tuple[Settings, list[str]]
+
+
+@pytest.fixture(scope="module")
+def shared(servers: Servers) -> Iterator[Shared]:
+    name = f"flashsale_test_{RUN}_{secrets.token_hex(4)}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(servers.admin_url)
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{servers.template}"')
+        await admin.close()
+
+    asyncio.run(create())
+    settings = Settings(
+        redis_url=servers.redis_url,
+        database_url=with_database(servers.admin_url, name),
+        ops_keys=(OPS_KEY,),
+        storefront_keys=(STORE_KEY,),
+        key_prefix=f"fst{RUN}{secrets.token_hex(3)}",
+        user_rate_per_s=0,
+        sweep_interval_ms=50,
+        log_level="WARNING",
+    )
+    try:
+        with procs.api(settings, workers=1, **TTL) as a, procs.api(settings, workers=1, **TTL) as b:
+            yield settings, [a, b]
+    finally:
+        asyncio.run(_drop_keys(settings))  # the database goes with the session's
+
+
+async def _drop_keys(settings: Settings) -> None:
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        await redis.unlink(key)
+    await redis.aclose()
+
+
 @contextlib.asynccontextmanager
-async def two_processes(settings: Settings) -> AsyncIterator[list[httpx.AsyncClient]]:
-    with procs.api(settings, workers=1, **TTL) as a, procs.api(settings, workers=1, **TTL) as b:
-        async with (
-            httpx.AsyncClient(base_url=a, headers=STORE) as ca,
-            httpx.AsyncClient(base_url=b, headers=STORE) as cb,
-        ):
-            yield [ca, cb]
+async def two_processes(shared: Shared) -> AsyncIterator[list[httpx.AsyncClient]]:
+    a, b = shared[1]
+    async with httpx.AsyncClient(base_url=a, headers=STORE) as ca, httpx.AsyncClient(base_url=b, headers=STORE) as cb:
+        yield [ca, cb]
 
 
 async def new_sale(c: httpx.AsyncClient, stock: int = 1, hold_seconds: int = 600, **extra: Any) -> str:
@@ -92,8 +131,10 @@ async def each_process_sells(clients: list[httpx.AsyncClient], sale: str, since:
     assert max(waits) < FRESH_S, waits
 
 
-async def test_a_cancel_makes_its_unit_reservable_through_every_process_within_250_ms(settings: Settings) -> None:
-    async with two_processes(settings) as clients:
+async def test_a_cancel_makes_its_unit_reservable_through_every_process_within_250_ms(
+    shared: Shared,
+) -> None:
+    async with two_processes(shared) as clients:
         sale = await new_sale(clients[0])
         rids = [(await reserve(clients[0], sale, sku, f"w{sku}")).json()["reservation_id"] for sku in "ab"]
         await refused_from_memory(clients, sale, "sold_out")
@@ -104,9 +145,10 @@ async def test_a_cancel_makes_its_unit_reservable_through_every_process_within_2
 
 
 async def test_an_expiry_makes_its_unit_reservable_through_every_process_within_250_ms(
-    settings: Settings, redis: Redis
+    shared: Shared, redis: Redis
 ) -> None:
-    async with two_processes(settings) as clients:
+    settings = shared[0]
+    async with two_processes(shared) as clients:
         sale = await new_sale(clients[0], hold_seconds=1)
         for sku in "ab":
             assert (await reserve(clients[0], sale, sku, f"w{sku}")).status_code == 201
@@ -117,8 +159,10 @@ async def test_an_expiry_makes_its_unit_reservable_through_every_process_within_
         await each_process_sells(clients, sale, time.monotonic())
 
 
-async def test_a_restock_makes_its_units_reservable_through_every_process_within_250_ms(settings: Settings) -> None:
-    async with two_processes(settings) as clients:
+async def test_a_restock_makes_its_units_reservable_through_every_process_within_250_ms(
+    shared: Shared,
+) -> None:
+    async with two_processes(shared) as clients:
         sale = await new_sale(clients[0], stock=0)
         await refused_from_memory(clients, sale, "sold_out")
         for sku in "ab":
@@ -127,8 +171,10 @@ async def test_a_restock_makes_its_units_reservable_through_every_process_within
         await each_process_sells(clients, sale, time.monotonic())
 
 
-async def test_a_pause_is_refused_and_a_resume_is_served_by_every_process_within_250_ms(settings: Settings) -> None:
-    async with two_processes(settings) as clients:
+async def test_a_pause_is_refused_and_a_resume_is_served_by_every_process_within_250_ms(
+    shared: Shared,
+) -> None:
+    async with two_processes(shared) as clients:
         sale = await new_sale(clients[0], stock=10)
         assert (await clients[0].post(f"/v1/sales/{sale}/pause", headers=OPS)).status_code == 200
         paused = time.monotonic()
@@ -140,8 +186,10 @@ async def test_a_pause_is_refused_and_a_resume_is_served_by_every_process_within
         await each_process_sells(clients, sale, time.monotonic())
 
 
-async def test_a_window_moved_earlier_is_served_by_every_process_within_250_ms(settings: Settings) -> None:
-    async with two_processes(settings) as clients:
+async def test_a_window_moved_earlier_is_served_by_every_process_within_250_ms(
+    shared: Shared,
+) -> None:
+    async with two_processes(shared) as clients:
         later = datetime.now(UTC) + timedelta(minutes=10)
         sale = await new_sale(
             clients[0], stock=5, starts_at=later.isoformat(), ends_at=(later + timedelta(hours=1)).isoformat()
@@ -152,8 +200,10 @@ async def test_a_window_moved_earlier_is_served_by_every_process_within_250_ms(s
         await each_process_sells(clients, sale, time.monotonic())
 
 
-async def test_every_attempt_answered_from_memory_is_counted_in_progress_within_a_second(settings: Settings) -> None:
-    async with two_processes(settings) as clients:
+async def test_every_attempt_answered_from_memory_is_counted_in_progress_within_a_second(
+    shared: Shared,
+) -> None:
+    async with two_processes(shared) as clients:
         sale = await new_sale(clients[0], stock=0)
         sent = 0
         for c in clients:
@@ -177,8 +227,9 @@ async def killed_listeners(redis: Redis, settings: Settings) -> int:
     return len(ids)
 
 
-async def test_a_lost_changes_channel_gives_no_stale_answer_and_recovers(settings: Settings, redis: Redis) -> None:
-    async with two_processes(settings) as clients:
+async def test_a_lost_changes_channel_gives_no_stale_answer_and_recovers(shared: Shared, redis: Redis) -> None:
+    settings = shared[0]
+    async with two_processes(shared) as clients:
         sale = await new_sale(clients[0], stock=0)
         await refused_from_memory(clients, sale, "sold_out")
         assert await killed_listeners(redis, settings) == 2
@@ -199,6 +250,3 @@ async def test_a_lost_changes_channel_gives_no_stale_answer_and_recovers(setting
             r = await clients[1].post(f"/v1/sales/{sale}/items/{sku}/restock", json={"quantity": 1}, headers=OPS)
             assert r.status_code == 200
         await each_process_sells(clients, sale, time.monotonic())
-
-
-pytestmark = pytest.mark.timeout(120)
