@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import secrets
 import shutil
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -373,33 +375,44 @@ def lever_pairs(s: Stack, mine: Sales, args: argparse.Namespace) -> list[Pair]:
     return pairs
 
 
-def compare_pairs(s: Stack, mine: Sales, args: argparse.Namespace) -> list[Pair]:
-    """The service at another revision (a git worktree) beside this one, on the same servers, with a
-    key prefix and a persister of its own, row by row."""
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", args.compare], cwd=ROOT, capture_output=True, text=True, check=True
+@contextlib.contextmanager
+def at_revision(s: Stack, rev: str) -> Iterator[tuple[str, Sales]]:
+    """The service and its persister as they were at git revision ``rev`` (a worktree), beside
+    the others on the same servers, under a key prefix of their own."""
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
-    tree = Path(tempfile.mkdtemp(prefix=f"flashsale-bench-{rev}-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True)
+    tree = Path(tempfile.mkdtemp(prefix=f"flashsale-bench-{short}-"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), short], cwd=ROOT, check=True, capture_output=True)
+    names = (f"serve-{short}", f"worker-{short}")
     try:
         env = {
             **SERVICE_ENV,
             "PYTHONPATH": f"{tree / 'service'}:{ROOT}",
-            "FLASHSALE_KEY_PREFIX": f"{s.key_prefix}:{rev}",
+            "FLASHSALE_KEY_PREFIX": f"{s.key_prefix}:{short}",
         }
-        s.spawn("worker-compare", s.flashsale("worker"), env)
-        url = s.serve(1, env, name="compare", port=free_port())
-        theirs = Sales(s, url, f"{rev}-{int(time.time())}")
+        s.spawn(names[1], s.flashsale("worker"), env)
+        url = s.serve(1, env, name=names[0], port=free_port())
+        yield short, Sales(s, url, f"{short}-{int(time.time())}")
+    finally:
+        for name in names:
+            if name in s.children:
+                stop_process(s.children.pop(name))
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False, capture_output=True)
+
+
+def compare_pairs(s: Stack, mine: Sales, args: argparse.Namespace) -> list[Pair]:
+    """``--compare A`` (A against this tree) or ``--compare A..B`` (A against B), row by row."""
+    before_rev, _, after_rev = args.compare.partition("..")
+    with contextlib.ExitStack() as revisions:
+        before_name, before = revisions.enter_context(at_revision(s, before_rev))
+        after_name, after = revisions.enter_context(at_revision(s, after_rev)) if after_rev else ("now", mine)
         pairs = []
         for row in args.compare_rows.split(","):
-            before = theirs.row(row, args, f"{row}, at {rev}")
-            after = mine.row(row, args, f"{row}, now")
-            pairs.append(Pair(f"{rev} -> now: ({row})", before, after))
-        for name in ("compare", "worker-compare"):
-            stop_process(s.children.pop(name))
+            old = before.row(row, args, f"{row}, at {before_name}")
+            new = after.row(row, args, f"{row}, at {after_name}")
+            pairs.append(Pair(f"{before_name} -> {after_name}: ({row})", old, new))
         return pairs
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False, capture_output=True)
 
 
 def pair_table(pairs: list[Pair], ceiling: float) -> str:
@@ -428,7 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-load", type=float, default=5.0, help="seconds of reserves queued for the drain")
     parser.add_argument("--crowd", type=int, default=1000, help="connections of row (f)")
     parser.add_argument("--levers", action="store_true", help="also each lever of LEVERS off vs on, side by side")
-    parser.add_argument("--compare", metavar="REV", help="also the service at git revision REV vs this tree")
+    parser.add_argument(
+        "--compare",
+        metavar="A[..B]",
+        action="append",
+        default=[],
+        help="also the service at git revision A against this tree (or against revision B); repeatable",
+    )
     parser.add_argument("--compare-rows", default="b,c,d", help="rows for --compare (of b, c, c', d)")
     parser.add_argument("--only", action="store_true", help="with --levers / --compare: skip the main table")
     args = parser.parse_args(argv)
@@ -483,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(mine.row("f", args, connections=args.crowd))
             if args.levers:
                 pairs += lever_pairs(s, mine, args)
-            if args.compare:
-                pairs += compare_pairs(s, mine, args)
+            for compare in args.compare:
+                pairs += compare_pairs(s, mine, argparse.Namespace(**{**vars(args), "compare": compare}))
             if not args.only:
                 wait_drained(s, mine.big)
                 lag = asyncio.run(_lag(s, mine.big))
