@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed  ## the whole service on throwaway servers (or REDIS_URL / DATABASE_URL)
 	$(BIN)/flashsale dev
 
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed  ## the test suite with coverage, in TEST_WORKERS processes (pytest-xdist)
 	$(BIN)/coverage erase
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --cov --cov-report=term $(PYTEST_ARGS)
