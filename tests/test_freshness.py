@@ -19,6 +19,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from flashsale.keys import Keys
 from flashsale.settings import Settings
 
 from . import procs
@@ -123,6 +124,12 @@ async def reservable_within(c: httpx.AsyncClient, sale: str, sku: str, since: fl
         await asyncio.sleep(0.005)
 
 
+async def restock_both(c: httpx.AsyncClient, sale: str) -> None:
+    for sku in "ab":
+        r = await c.post(f"/v1/sales/{sale}/items/{sku}/restock", json={"quantity": 1}, headers=OPS)
+        assert r.status_code == 200
+
+
 async def each_process_sells(clients: list[httpx.AsyncClient], sale: str, since: float) -> None:
     """Process one reserves item a, process two item b: each sees its unit within 250 ms."""
     waits = await asyncio.gather(
@@ -153,8 +160,8 @@ async def test_an_expiry_makes_its_unit_reservable_through_every_process_within_
         for sku in "ab":
             assert (await reserve(clients[0], sale, sku, f"w{sku}")).status_code == 201
         await refused_from_memory(clients, sale, "sold_out")
-        item = f"{settings.key_prefix}:{{{sale}}}:item:"
-        while not all([int(await redis.hget(item + sku, "available") or 0) for sku in "ab"]):
+        keys = Keys(settings.key_prefix)
+        while not all([int(await redis.hget(keys.item(sale, sku), "available") or 0) for sku in "ab"]):
             await asyncio.sleep(0.002)  # the sweeper released both holds: from now on, 250 ms
         await each_process_sells(clients, sale, time.monotonic())
 
@@ -165,9 +172,7 @@ async def test_a_restock_makes_its_units_reservable_through_every_process_within
     async with two_processes(shared) as clients:
         sale = await new_sale(clients[0], stock=0)
         await refused_from_memory(clients, sale, "sold_out")
-        for sku in "ab":
-            r = await clients[0].post(f"/v1/sales/{sale}/items/{sku}/restock", json={"quantity": 1}, headers=OPS)
-            assert r.status_code == 200
+        await restock_both(clients[0], sale)
         await each_process_sells(clients, sale, time.monotonic())
 
 
@@ -233,9 +238,7 @@ async def test_a_lost_changes_channel_gives_no_stale_answer_and_recovers(shared:
         sale = await new_sale(clients[0], stock=0)
         await refused_from_memory(clients, sale, "sold_out")
         assert await killed_listeners(redis, settings) == 2
-        for sku in "ab":  # published while nobody listens: the processes must not need the message
-            r = await clients[0].post(f"/v1/sales/{sale}/items/{sku}/restock", json={"quantity": 1}, headers=OPS)
-            assert r.status_code == 200
+        await restock_both(clients[0], sale)  # published while nobody listens: must not be needed
         await each_process_sells(clients, sale, time.monotonic())
         # Back on the channel, each process answers from memory again, and still freshly.
         deadline = time.monotonic() + 5
@@ -246,7 +249,5 @@ async def test_a_lost_changes_channel_gives_no_stale_answer_and_recovers(shared:
             except AssertionError:
                 assert time.monotonic() < deadline, "the process never trusted its memory again"
                 await asyncio.sleep(0.1)
-        for sku in "ab":
-            r = await clients[1].post(f"/v1/sales/{sale}/items/{sku}/restock", json={"quantity": 1}, headers=OPS)
-            assert r.status_code == 200
+        await restock_both(clients[1], sale)
         await each_process_sells(clients, sale, time.monotonic())
