@@ -17,9 +17,9 @@ from flashsale.settings import Settings
 from . import procs
 from .conftest import OPS_KEY, create_sale
 
-# Heavy (many processes, thousands of requests): these run one after another on one xdist
-# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
-pytestmark = pytest.mark.xdist_group("heavy")
+# One client and one API process: beside the crowd tests it costs them little, and run after them
+# it made the heavy group the suite's longest path (make test uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("schemathesis")
 
 
 async def test_openapi_describes_every_route(client: httpx.AsyncClient) -> None:
