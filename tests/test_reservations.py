@@ -67,6 +67,21 @@ async def test_retry_with_same_idempotency_key_returns_the_same_reservation(clie
     assert (await item(client, sale["id"]))["held"] == 1
 
 
+async def test_a_retry_of_a_reservation_is_answered_with_it_even_while_sold_out_is_answered_from_memory(
+    client: httpx.AsyncClient,
+) -> None:
+    sale = await create_sale(
+        client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": 1, "per_user_limit": 1}]
+    )
+    first = await reserve(client, sale["id"], user="winner", key="order-1")
+    for n in range(3):  # the script says sold out, then memory does
+        assert (await reserve(client, sale["id"], user=f"late{n}", key=f"k{n}")).json()["error"]["code"] == "sold_out"
+    retries = await asyncio.gather(*(reserve(client, sale["id"], user="winner", key="order-1") for _ in range(5)))
+    assert {(r.status_code, r.json()["reservation_id"]) for r in retries} == {(200, first.json()["reservation_id"])}
+    other = await reserve(client, sale["id"], user="winner", qty=2, key="order-1")
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_conflict"
+
+
 async def test_idempotency_key_reused_with_another_body_is_a_conflict(client: httpx.AsyncClient) -> None:
     sale = await create_sale(client)
     await reserve(client, sale["id"], key="k-1", qty=1)
