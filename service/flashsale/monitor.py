@@ -53,7 +53,7 @@ from .schemas import (
     encoder,
 )
 from .tally import Tally
-from .web import services, slug
+from .web import authorize, slug
 
 log = logging.getLogger("flashsale.monitor")
 
@@ -323,7 +323,7 @@ class Monitor:
 
 
 def _monitor(request: Request) -> Monitor:
-    services(request).keyring.require(request.headers.get("authorization"), "ops")
+    authorize(request, "ops")
     monitor: Monitor = request.app.state.monitor
     return monitor
 
