@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 
@@ -59,6 +60,29 @@ def to_reservation(sale_id: str, values: list[str | None], now: int | None = Non
         expires_at=instant(expires),
         updated_at=instant(final) if final else None,
         payment_ref=payment_ref or None,
+    )
+
+
+async def settle(
+    scripts: Scripts,
+    keys: Keys,
+    sale_id: str,
+    sku: str,
+    action: Literal["confirm", "cancel", "expire"],
+    rids: Sequence[str],
+    user_id: str = "",
+    payment_ref: str = "",
+) -> Any:
+    """lua/settle.lua on reservations of one sku, its KEYS/ARGV laid out in this one place."""
+    return await scripts.settle(
+        keys=[
+            keys.item(sale_id, sku),
+            keys.users(sale_id, sku),
+            keys.holds(sale_id, sku),
+            keys.events(sale_id),
+            *(keys.reservation(sale_id, r) for r in rids),
+        ],
+        args=[action, user_id, payment_ref, keys.changes, sale_id, *rids],
     )
 
 
@@ -144,16 +168,7 @@ class Reservations:
         sku = cast(str | None, await self.redis.hget(k.reservation(sale_id, rid), "sku"))
         if sku is None:
             raise ApiError("not_found", "no such reservation")
-        result = await self.scripts.settle(
-            keys=[
-                k.item(sale_id, sku),
-                k.users(sale_id, sku),
-                k.holds(sale_id, sku),
-                k.events(sale_id),
-                k.reservation(sale_id, rid),
-            ],
-            args=[action, user_id, payment_ref, k.changes, sale_id, rid],
-        )
+        result = await settle(self.scripts, k, sale_id, sku, action, [rid], user_id, payment_ref)
         if result[1] == "not_found":
             raise ApiError("not_found", "no such reservation")
         if result[0] == "err":

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .keys import Keys
+from .reservations import settle
 from .sales import now_ms
 from .scripts import Scripts
 from .settings import Settings
@@ -50,16 +51,7 @@ async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> 
 
 
 async def _expire(scripts: Scripts, keys: Keys, sale_id: str, sku: str, rids: list[str]) -> int:
-    n: int = await scripts.settle(
-        keys=[
-            keys.item(sale_id, sku),
-            keys.users(sale_id, sku),
-            keys.holds(sale_id, sku),
-            keys.events(sale_id),
-            *(keys.reservation(sale_id, r) for r in rids),
-        ],
-        args=["expire", "", "", keys.changes, sale_id, *rids],
-    )
+    n: int = await settle(scripts, keys, sale_id, sku, "expire", rids)
     return n
 
 
