@@ -30,10 +30,9 @@ from flashsale.settings import ROOT, Settings
 
 from .conftest import create_sale
 
-# Heavy (a locust process and the service): these run one after another on one xdist worker
-# (make test uses --dist loadgroup), beside the crowd tests' worker rather than after it, which
-# made that one worker the suite's longest path. Their verdicts judge invariants, not latencies.
-pytestmark = pytest.mark.xdist_group("loadtest")
+# Heavy (many processes, thousands of requests): these run one after another on one xdist
+# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
+pytestmark = pytest.mark.xdist_group("heavy")
 
 DROP_EVERY_FIFTH = """
 CREATE TABLE loadtest_dropped (id text PRIMARY KEY);
