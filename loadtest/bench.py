@@ -5,6 +5,7 @@ one run, under the same uvicorn settings (one worker process, uvloop + httptools
 
 Rows, each with its ratio to (a):
   (a) the cheapest Starlette JSON route (loadtest/reference.py: ceiling): the ceiling
+  (a') the cheapest Starlette POST route reading a JSON body, a fixed 409: the ceiling for POSTs
   (b) POST reserve while stock lasts (huge stock, high per-user limit, FLASHSALE_USER_RATE=0,
       a new user and Idempotency-Key on every request), with the persister running
   (c) POST reserve once sold out (409 sold_out)
@@ -488,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"benchmarking on {s.base_url} (service), :{ceiling_port} (ceiling), :{pg_port} (pg_stock)", flush=True
             )
-            rows.append(measure("(a) Starlette JSON route (ceiling)", f"http://127.0.0.1:{ceiling_port}/ping", args))
+            ceiling_url = f"http://127.0.0.1:{ceiling_port}"
+            rows.append(measure("(a) Starlette JSON route (ceiling)", f"{ceiling_url}/ping", args))
+            script = (str(RESERVE_LUA), "/v1/sales/x/reservations", SKU, s.store_key, "a", "nokey")
+            post = "(a') Starlette POST route, JSON body read, fixed 409"
+            rows.append(measure(post, ceiling_url, args, script=script))
             if not args.only:
                 rows += [mine.row(r, args) for r in ROWS]
                 rows.append(

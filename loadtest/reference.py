@@ -1,6 +1,8 @@
 """Reference apps the benchmark compares the service with, run under the same uvicorn settings.
 
 ``ceiling``: the cheapest Starlette JSON route there is; nothing on this stack answers faster.
+Its POST route reads and parses a JSON body and answers a fixed 409: what the same stack pays
+for a sold-out answer with no decision at all.
 
 ``pg_stock``: the common design for a sale: stock as a Postgres row, decremented with a
 conditional UPDATE, and the order INSERTed in the same transaction:
@@ -39,7 +41,14 @@ async def ping(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-ceiling = Starlette(routes=[Route("/ping", ping, methods=["GET"])])
+async def refuse(request: Request) -> JSONResponse:
+    json.loads(await request.body())
+    return JSONResponse({"error": {"code": "sold_out", "message": "sold out", "available": 0}}, 409)
+
+
+ceiling = Starlette(
+    routes=[Route("/ping", ping, methods=["GET"]), Route("/v1/sales/{sale_id}/reservations", refuse, methods=["POST"])]
+)
 
 
 async def reserve(request: Request) -> JSONResponse:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -16,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from . import admin, db, invalidation, metrics, monitor, openapi, sweeper
+from . import admin, db, hot, invalidation, metrics, monitor, openapi, sweeper
 from .auth import KeyRing
 from .coalesce import Coalescer
 from .errors import ApiError
@@ -24,44 +23,20 @@ from .keys import Keys
 from .middleware import Edge
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import CancelIn, ConfirmIn, Health, ReserveIn, SaleIn
+from .schemas import CancelIn, ConfirmIn, Health, SaleIn
 from .scripts import Scripts
 from .settings import Settings
 from .tally import Tally
 from .verdicts import Verdicts
-from .web import Services, authorize, body, json, services, slug, user_id
+from .web import Services, authorize, body, json, services, user_id
 
 log = logging.getLogger("flashsale.api")
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
 
 
 async def create_sale(request: Request) -> Response:
     svc = authorize(request, "ops")
     sale = await svc.sales.create(await body(request, SaleIn))
     return json(sale, 201)
-
-
-async def get_sale(request: Request) -> Response:
-    svc = authorize(request, "storefront")
-    return Response(await svc.sales.view_json(slug(request, "sale_id")), media_type="application/json")
-
-
-async def reserve(request: Request) -> Response:
-    svc = authorize(request, "storefront")
-    sale_id = slug(request, "sale_id")
-    key = request.headers.get("idempotency-key")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
-        raise ApiError(
-            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
-        )
-    ask = await body(request, ReserveIn)
-    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
-    if isinstance(outcome, ApiError):  # a refusal is an answer, not an exception: no raise on the hot path
-        metrics.reserved(outcome.code)
-        return outcome.response()
-    reservation, created = outcome
-    metrics.reserved("created" if created else "replayed")
-    return json(reservation, 201 if created else 200)
 
 
 async def get_reservation(request: Request) -> Response:
@@ -105,13 +80,8 @@ async def openapi_json(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
-# What a crowd sends by the thousand: answered by the edge middleware itself (middleware.py).
-HOT = [
-    Route("/v1/sales/{sale_id}/reservations", reserve, methods=["POST"]),
-    Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),
-]
 ROUTES: list[BaseRoute] = [
-    *HOT,
+    *hot.ROUTES,  # what a crowd sends by the thousand, answered by the edge middleware itself
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
@@ -200,21 +170,25 @@ def create_app(settings: Settings) -> Starlette:
             stop.set()
             await asyncio.gather(*background)
             await tally.flush()  # counts of the last requests, after the loops stopped taking more
-            metrics.flush_requests()
+            metrics.flush()
             await scripts.calls.close()
             await app.state.monitor.close()
             await pool.close()
             await listener.aclose(close_connection_pool=True)
             await redis.aclose(close_connection_pool=True)
 
-    handlers = {ApiError: on_api_error, RedisError: on_redis_error}
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        exception_handlers={**handlers, HTTPException: on_http_error, Exception: on_crash},
+        exception_handlers={
+            ApiError: on_api_error,
+            RedisError: on_redis_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
     )
     app.add_middleware(
-        Edge, max_in_flight=settings.max_in_flight, log_sample=settings.access_log_sample, hot=HOT, handlers=handlers
+        Edge, max_in_flight=settings.max_in_flight, log_sample=settings.access_log_sample, hot=hot.ROUTES
     )
     return app
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from starlette.responses import Response
 
@@ -66,7 +65,8 @@ class ApiError(Exception):
         self.fields = fields or []
         super().__init__(self.message)
 
-    def response(self) -> Response:
+    def answer(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """Status, JSON body and the headers besides Content-Type and Content-Length."""
         body = ErrorBody(
             code=self.code,
             message=self.message,
@@ -75,7 +75,11 @@ class ApiError(Exception):
             starts_at=self.starts_at,
             fields=self.fields,
         )
-        headers: dict[str, Any] = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(self.retry_after)
-        return Response(encoder.encode(Error(body)), self.status, headers, "application/json")
+        extra = [] if self.retry_after is None else [(b"retry-after", str(self.retry_after).encode())]
+        return self.status, encoder.encode(Error(body)), extra
+
+    def response(self) -> Response:
+        status, body, extra = self.answer()
+        response = Response(body, status, media_type="application/json")
+        response.raw_headers += extra
+        return response

@@ -64,38 +64,45 @@ LAG = Histogram(
 DEAD = Counter("flashsale_persister_dead_lettered", "Events the persister moved to a dead-letter stream")
 
 
-FLUSH_S = 1.0  # requests counted in this process reach prometheus_client at most this late
+FLUSH_S = 1.0  # what this process counted reaches prometheus_client at most this late
 # (method, route, status) -> [requests, seconds in all, requests per latency bucket]
 _pending: dict[tuple[str, str, int], list[Any]] = {}
+_counts: dict[tuple[Counter, str], int] = {}  # (counter, its one label) -> increments not handed over
 _flush_due: asyncio.TimerHandle | None = None
+
+
+def _flush_soon() -> None:
+    global _flush_due
+    if _flush_due is None:
+        try:
+            _flush_due = asyncio.get_running_loop().call_later(FLUSH_S, flush)
+        except RuntimeError:  # no loop: nothing would flush later
+            flush()
 
 
 def request(method: str, route: str, status: int, seconds: float) -> None:
     """One request counted and timed, added up here and handed to prometheus_client once a second
-    (``flush_requests``): its labels(), locks and per-bucket writes cost more per request than the
+    (``flush``): its labels(), locks and per-bucket writes cost more per request than the
     sold-out answer itself. A scrape of this process flushes first; another process's scrape, in
     multiprocess mode, sees this one's counts at most FLUSH_S late."""
-    global _flush_due
     entry = _pending.get((method, route, status))
     if entry is None:
         entry = _pending[(method, route, status)] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
     entry[0] += 1
     entry[1] += seconds
     entry[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-    if _flush_due is None:
-        try:
-            _flush_due = asyncio.get_running_loop().call_later(FLUSH_S, flush_requests)
-        except RuntimeError:  # no loop: nothing would flush later
-            flush_requests()
+    _flush_soon()
 
 
-def flush_requests() -> None:
+def flush() -> None:
+    """Everything counted here since the last flush, handed to prometheus_client."""
     global _flush_due
     if _flush_due is not None:
         _flush_due.cancel()
         _flush_due = None
-    pending = list(_pending.items())
+    pending, counts = list(_pending.items()), list(_counts.items())
     _pending.clear()
+    _counts.clear()
     for (method, route, status), (n, total, buckets) in pending:
         labels = (method if method in METHODS else "other", route, str(status))
         REQUESTS.labels(*labels).inc(n)
@@ -106,16 +113,15 @@ def flush_requests() -> None:
         for i, count in enumerate(buckets):
             if count:
                 latency._buckets[i].inc(count)
-
-
-_counted: dict[tuple[Counter, str], Counter] = {}
+    for (counter, label), n in counts:
+        counter.labels(label).inc(n)
 
 
 def _count(counter: Counter, label: str) -> None:
-    child = _counted.get((counter, label))
-    if child is None:
-        child = _counted[(counter, label)] = counter.labels(label)
-    child.inc()
+    """Added up like ``request``: in multiprocess mode each inc() is a locked write to a file."""
+    key = (counter, label)
+    _counts[key] = _counts.get(key, 0) + 1
+    _flush_soon()
 
 
 def reserved(outcome: str) -> None:
@@ -197,7 +203,7 @@ def _registry(collectors: Iterable[Collector]) -> CollectorRegistry:
 def exposition(sales: Sequence[SaleProgress], workers_alive: int | None) -> bytes:
     """The scrape: this process's metrics (or every process's, in multiprocess mode), then
     Redis's. Reads files in multiprocess mode: call it off the event loop, after
-    ``flush_requests`` on it."""
+    ``flush`` on it."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         counted = CollectorRegistry()
         MultiProcessCollector(counted)  # type: ignore[no-untyped-call]

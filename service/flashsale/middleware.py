@@ -10,12 +10,12 @@ log line, and the Prometheus count and latency.
   never logged. ``FLASHSALE_ACCESS_LOG_SAMPLE=N`` keeps one line in N of the 2xx and 409 answers
   (every other answer is always logged); 1, the default, logs every request.
 
-It also answers the routes a crowd sends by the thousand (``hot``: reserve and GET sale) itself:
-it matches them and calls their endpoint with the app's own exception handlers, without the
-router's, the exception middleware's and ``request_response``'s wrappers around each request.
-They stay ordinary Starlette routes, reached through the router whenever this is not in front.
-One middleware rather than two, and the line written the cheap way (``logs.access``): on a
-sold-out crowd these layers cost more than the answer itself (BENCHMARKS.md).
+It also calls the routes a crowd sends by the thousand (``hot.ROUTES``: reserve and GET sale)
+itself: it matches them and calls their plain ASGI endpoints, which answer their own errors,
+without the router's and the exception middleware's wrappers around each request. Reached
+through the router they behave the same. One middleware rather than two, and the line written
+the cheap way (``logs.access``): on a sold-out crowd these layers cost more than the answer
+itself (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,20 +61,9 @@ def sampled(status: int) -> bool:
     return status < 300 or status == 409
 
 
-Handler = Callable[[Request, Exception], Awaitable[Response]]
-
-
 class Edge:
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_in_flight: int,
-        log_sample: int = 1,
-        hot: Sequence[Route] = (),
-        handlers: Mapping[type[Exception], Handler] | None = None,
-    ) -> None:
-        self.app, self.limit, self.sample = app, max_in_flight, max(1, log_sample)
-        self.hot, self.handlers = hot, dict(handlers or {})
+    def __init__(self, app: ASGIApp, max_in_flight: int, log_sample: int = 1, hot: Sequence[Route] = ()) -> None:
+        self.app, self.limit, self.sample, self.hot = app, max_in_flight, max(1, log_sample), hot
         self.in_flight = 0
         self._answered = 0
 
@@ -88,15 +75,7 @@ class Edge:
             if match is Match.FULL:
                 scope.update(child)
                 scope["route"] = route
-                request = Request(scope, receive, send)
-                try:
-                    response: Response = await route.endpoint(request)
-                except Exception as exc:
-                    handler = next((h for t, h in self.handlers.items() if isinstance(exc, t)), None)
-                    if handler is None:
-                        raise
-                    response = await handler(request, exc)
-                await response(scope, receive, send)
+                await route.app(scope, receive, send)  # a hot.Endpoint: answers its own errors
                 return
         await self.app(scope, receive, send)
 
@@ -133,7 +112,8 @@ class Edge:
             crash.exception("unhandled error", extra={"request_id": rid})
             await ApiError("internal", "internal error; it has been logged").response()(scope, receive, send_with_id)
         finally:
-            self._finish(scope, rid, status or 500, time.perf_counter() - started)
+            # No status: the app sent nothing, because the client went away first (499, as nginx).
+            self._finish(scope, rid, status or 499, time.perf_counter() - started)
 
     def _finish(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
         route = route_of(scope)

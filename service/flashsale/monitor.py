@@ -354,7 +354,7 @@ async def prometheus(request: Request) -> Response:
     except RedisError as exc:  # still answer with this process's numbers, and redis_up 0
         log.warning("metrics: redis unavailable: %r", exc)
         sales = []
-    metrics.flush_requests()  # on the loop, where requests are counted
+    metrics.flush()  # on the loop, where requests are counted
     body = await asyncio.to_thread(metrics.exposition, sales, workers)
     return Response(body, media_type=metrics.CONTENT_TYPE)
 

@@ -13,6 +13,7 @@ import msgspec
 from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from .auth import KeyRing, Role
 from .errors import ApiError
@@ -66,16 +67,30 @@ def too_long(content_length: str) -> bool:
     )
 
 
-async def body(request: Request, type_: type[T]) -> T:
-    """The request body, at most 16 KiB, decoded and validated as ``type_``."""
-    if too_long(request.headers.get("content-length", "")):
+class Disconnected(Exception):
+    """The client went away before its body arrived: there is no one left to answer."""
+
+
+async def read(receive: Receive, content_length: str = "") -> bytes:
+    """A request body straight from the ASGI ``receive``, at most 16 KiB (400 past that)."""
+    if too_long(content_length):
         raise ApiError("invalid_request", "body is over 16 KiB", status=400)
     raw = b""
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Disconnected
+        chunk: bytes = message.get("body", b"")
         raw += chunk
         if len(raw) > MAX_BODY:
             raise ApiError("invalid_request", "body is over 16 KiB", status=400)
-    return decode(raw, type_)
+        if not message.get("more_body", False):
+            return raw
+
+
+async def body(request: Request, type_: type[T]) -> T:
+    """The request body, at most 16 KiB, decoded and validated as ``type_``."""
+    return decode(await read(request.receive, request.headers.get("content-length", "")), type_)
 
 
 def authorize(request: Request, role: Role) -> Services:
@@ -85,7 +100,11 @@ def authorize(request: Request, role: Role) -> Services:
 
 
 def slug(request: Request, name: str) -> str:
-    value: str = request.path_params[name]
+    return valid_slug(request.path_params[name], name)
+
+
+def valid_slug(value: str, name: str) -> str:
+    """``value`` of path parameter ``name``; 404 for one no sale or item can have."""
     if not SLUG.match(value):
         raise ApiError("not_found", f"no {name.removesuffix('_id')} {value!r}")
     return value

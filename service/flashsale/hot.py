@@ -1,0 +1,98 @@
+"""Reserve and GET sale, the two routes a crowd sends by the thousand, as plain ASGI apps.
+
+Starlette's Request (its headers object, its body stream) and its Response cost more per request
+than a sold-out answer from memory (BENCHMARKS.md). These read the few headers they need from the
+scope in one pass and the body straight from ``receive``, and answer with two ASGI messages of
+bytes. The checks and the JSON errors are those of every other route (``web.py`` holds the rules
+they share). They are ordinary Starlette routes (``ROUTES``); the edge middleware calls them
+straight, past the router and the exception middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import RedisError
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from . import metrics
+from .errors import ApiError
+from .schemas import ReserveIn, encoder
+from .web import Disconnected, Services, decode, read, valid_slug
+
+log = logging.getLogger("flashsale.api")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
+JSON = (b"content-type", b"application/json")
+
+Headers = list[tuple[bytes, bytes]]
+Answer = tuple[int, bytes, Headers]  # status, JSON body, headers besides Content-Type/-Length
+
+
+def headers(scope: Scope, *names: bytes) -> list[str | None]:
+    """The first value of each of ``names`` (lower case), in one pass over the request's headers."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in names and name not in found:
+            found[name] = value.decode("latin-1")
+    return [found.get(name) for name in names]
+
+
+class Endpoint:
+    """An ASGI app around ``handler``: its answer, or the JSON error of what it raised."""
+
+    def __init__(self, handler: Callable[[Scope, Receive], Awaitable[Answer]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status, body, extra = await self.handler(scope, receive)
+        except ApiError as exc:
+            status, body, extra = exc.answer()
+        except RedisError as exc:
+            log.warning("redis unavailable: %r", exc)
+            status, body, extra = ApiError("unavailable", retry_after=1).answer()
+        except Disconnected:
+            return
+        start = [JSON, (b"content-length", b"%d" % len(body)), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": start})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _services(scope: Scope) -> Services:
+    svc: Services = scope["app"].state.services
+    return svc
+
+
+async def reserve(scope: Scope, receive: Receive) -> Answer:
+    svc = _services(scope)
+    authorization, key, length = headers(scope, b"authorization", b"idempotency-key", b"content-length")
+    svc.keyring.require(authorization, "storefront")
+    sale_id = valid_slug(scope["path_params"]["sale_id"], "sale_id")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(
+            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
+        )
+    ask = decode(await read(receive, length or ""), ReserveIn)
+    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
+    if isinstance(outcome, ApiError):  # a refusal is an answer, not an exception: no raise on the hot path
+        metrics.reserved(outcome.code)
+        return outcome.answer()
+    reservation, created = outcome
+    metrics.reserved("created" if created else "replayed")
+    return 201 if created else 200, encoder.encode(reservation), []
+
+
+async def get_sale(scope: Scope, receive: Receive) -> Answer:
+    svc = _services(scope)
+    (authorization,) = headers(scope, b"authorization")
+    svc.keyring.require(authorization, "storefront")
+    return 200, await svc.sales.view_json(valid_slug(scope["path_params"]["sale_id"], "sale_id")), []
+
+
+ROUTES = [
+    Route("/v1/sales/{sale_id}/reservations", Endpoint(reserve), methods=["POST"]),
+    Route("/v1/sales/{sale_id}", Endpoint(get_sale), methods=["GET"]),
+]
