@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from . import admin, db, hot, invalidation, metrics, monitor, openapi, sweeper
+from . import admin, connection, db, hot, invalidation, metrics, monitor, openapi, sweeper
 from .auth import KeyRing
 from .coalesce import Coalescer
 from .errors import ApiError
@@ -134,15 +133,9 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_pool_size, timeout=5, decode_responses=True
-            )
-        )
+        redis = connection.client(settings.redis_url, settings.redis_pool_size)
         # Its own connection, named so that ops (and the tests) can find it in CLIENT LIST.
-        listener = Redis.from_url(
-            settings.redis_url, decode_responses=True, client_name=f"flashsale-changes:{settings.key_prefix}"
-        )
+        listener = connection.client(settings.redis_url, client_name=f"flashsale-changes:{settings.key_prefix}")
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         keys = Keys(settings.key_prefix)
         scripts = Scripts.load(redis, settings.lua_dir, Coalescer(redis))

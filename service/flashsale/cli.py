@@ -21,9 +21,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
-from . import db
+from . import connection, db
 from .keys import Keys
 from .logs import setup_logging
 from .persister import Persister
@@ -52,7 +51,7 @@ def _worker(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        redis = connection.client(settings.redis_url)
         pool = await db.create_pool(settings.database_url, 2)
         try:
             await Persister(redis, pool, Keys(settings.key_prefix), settings).run(stop)
@@ -66,7 +65,7 @@ def _worker(settings: Settings) -> int:
 
 def _reconcile(settings: Settings, sale_id: str, wait: float) -> int:
     async def go() -> int:
-        redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        redis = connection.client(settings.redis_url)
         conn = await asyncpg.connect(settings.database_url)
         try:
             deadline = time.monotonic() + wait
