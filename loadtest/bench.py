@@ -12,6 +12,7 @@ Rows, each with its ratio to (a):
   (d) GET the sale
   (e) the common design (loadtest/reference.py: pg_stock): stock as a Postgres row with a
       conditional UPDATE and the order INSERT in one transaction
+  (f) 1000 connections on the sold-out item, wrk's timeout at 2 s; (f') the same under granian
 Then: the persister's drain rate (events queued with the worker stopped, then drained), the
 persistence lag (persisted_at - created_at) during (b), and Redis memory per held reservation.
 
@@ -505,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 rows.append(mine.row("f", args, connections=args.crowd))
+                granian = s.serve(1, SERVICE_ENV, name="granian", port=free_port(), server="granian")
+                label = "(f') the same under `flashsale serve --server granian`"
+                rows.append(Sales(s, granian, f"granian-{stamp[-6:]}").row("f", args, label, connections=args.crowd))
+                stop_process(s.children.pop("granian"))
             if args.levers:
                 pairs += lever_pairs(s, mine, args)
             for compare in args.compare:

@@ -116,12 +116,18 @@ class Stack:
             stop_process(proc)
 
     def serve(
-        self, workers: int = 1, env: Mapping[str, str] | None = None, name: str = "serve", port: int | None = None
+        self,
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
+        name: str = "serve",
+        port: int | None = None,
+        server: str = "uvicorn",
     ) -> str:
         """`flashsale serve`; a ``name`` and ``port`` of its own for a second one beside the first
         (the bench's side-by-side pairs). Returns its base URL once it is ready."""
         port = port or self.port
-        self.spawn(name, self.flashsale("serve", "--port", str(port), "--workers", str(workers)), env)
+        argv = self.flashsale("serve", "--port", str(port), "--workers", str(workers), "--server", server)
+        self.spawn(name, argv, env)
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/readyz", self.children[name])
         return url

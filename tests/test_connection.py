@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import DataError
@@ -18,13 +20,13 @@ COMMANDS = [
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=["evalsha", "two-word-name", "memoryview"])
-def test_commands_are_packed_to_the_bytes_redis_py_packs(command: tuple[object, ...]) -> None:
+def test_commands_are_packed_to_the_bytes_redis_py_packs(command: tuple[Any, ...]) -> None:
     ours, theirs = HiredisPacked(), Connection()
     assert b"".join(ours.pack_command(*command)) == b"".join(bytes(c) for c in theirs.pack_command(*command))
 
 
 @pytest.mark.parametrize("value", [None, True, object()])
-def test_a_value_redis_cannot_hold_is_refused_as_redis_py_refuses_it(value: object) -> None:
+def test_a_value_redis_cannot_hold_is_refused_as_redis_py_refuses_it(value: Any) -> None:
     with pytest.raises(DataError):
         Connection().pack_command("SET", "k", value)
     with pytest.raises(DataError):
