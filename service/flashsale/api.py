@@ -133,9 +133,9 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = connection.client(settings.redis_url, settings.redis_pool_size)
+        redis = await connection.connect(settings.redis_url, settings.redis_pool_size)
         # Its own connection, named so that ops (and the tests) can find it in CLIENT LIST.
-        listener = connection.client(settings.redis_url, client_name=f"flashsale-changes:{settings.key_prefix}")
+        listener = await connection.connect(settings.redis_url, client_name=f"flashsale-changes:{settings.key_prefix}")
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         keys = Keys(settings.key_prefix)
         scripts = Scripts.load(redis, settings.lua_dir, Coalescer(redis))
@@ -167,8 +167,8 @@ def create_app(settings: Settings) -> Starlette:
             await scripts.calls.close()
             await app.state.monitor.close()
             await pool.close()
-            await listener.aclose(close_connection_pool=True)
-            await redis.aclose(close_connection_pool=True)
+            await listener.aclose()
+            await redis.aclose()
 
     app = Starlette(
         routes=ROUTES,

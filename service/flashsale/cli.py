@@ -51,7 +51,7 @@ def _worker(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        redis = connection.client(settings.redis_url)
+        redis = await connection.connect(settings.redis_url)
         pool = await db.create_pool(settings.database_url, 2)
         try:
             await Persister(redis, pool, Keys(settings.key_prefix), settings).run(stop)
@@ -65,7 +65,7 @@ def _worker(settings: Settings) -> int:
 
 def _reconcile(settings: Settings, sale_id: str, wait: float) -> int:
     async def go() -> int:
-        redis = connection.client(settings.redis_url)
+        redis = await connection.connect(settings.redis_url)
         conn = await asyncpg.connect(settings.database_url)
         try:
             deadline = time.monotonic() + wait

@@ -14,14 +14,15 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from .connection import Client
 
 Args = Sequence[str | int | float | bytes]
 
 
 class Coalescer:
-    def __init__(self, redis: Redis, sources: dict[str, str] | None = None) -> None:
+    def __init__(self, redis: Client, sources: dict[str, str] | None = None) -> None:
         self.redis = redis
         self.sources = sources or {}  # sha -> Lua source, for NOSCRIPT
         self.round_trips = 0  # pipelines sent

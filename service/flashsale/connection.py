@@ -1,4 +1,5 @@
-"""Every Redis client of the service, made here from ``REDIS_URL``.
+"""Every Redis client of the service, made here from ``REDIS_URL``: a cluster client when the
+server named there runs in cluster mode (``connect`` asks it), a plain one otherwise.
 
 Commands go out packed by hiredis's C packer, the one redis-py's own synchronous client uses when
 hiredis is installed: redis-py's asyncio connection packs in Python, 22 us for one reserve call
@@ -7,12 +8,17 @@ against 6 us this way (BENCHMARKS.md), on every call of the hot path.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, TypeAlias
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.utils import HIREDIS_AVAILABLE
+
+log = logging.getLogger("flashsale.redis")
+Client: TypeAlias = Redis | RedisCluster
 
 
 class HiredisPacked(Connection):
@@ -42,3 +48,27 @@ def client(url: str, pool_size: int | None = None, **options: Any) -> Redis:
             url, max_connections=pool_size, timeout=5, decode_responses=True, **options
         )
     return Redis.from_pool(_packed(pool))
+
+
+async def is_cluster(url: str) -> bool:
+    """Whether the server at ``url`` runs in cluster mode (``INFO cluster``). A server that does
+    not answer is taken for a single one, so that the service starts (and answers 503) while
+    Redis is down, as it always has; a cluster must be up when the service starts."""
+    probe = Redis.from_url(url, decode_responses=True, single_connection_client=True, socket_connect_timeout=2)
+    try:
+        return bool((await probe.info("cluster")).get("cluster_enabled"))
+    except (RedisConnectionError, TimeoutError, OSError) as exc:
+        log.warning("could not ask REDIS_URL whether it is a cluster node; taking it for one server: %r", exc)
+        return False
+    finally:
+        await probe.aclose()
+
+
+async def connect(url: str, pool_size: int | None = None, **options: Any) -> Client:
+    """``client``, or for a node of a Redis Cluster a cluster client that routes every command
+    by its keys' slot, follows MOVED/ASK and reloads the slot map after a failover."""
+    if not await is_cluster(url):
+        return client(url, pool_size, **options)
+    cluster = RedisCluster.from_url(url, decode_responses=True, **options)
+    await cluster.initialize()  # the slot map now: a cluster that is not ready fails at start, not later
+    return cluster

@@ -15,9 +15,9 @@ import contextlib
 import logging
 import time
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .connection import Client
 from .verdicts import Verdicts
 
 log = logging.getLogger("flashsale.invalidation")
@@ -31,7 +31,7 @@ class Silent(ConnectionError):
     """The channel's connection stopped answering PING."""
 
 
-async def listen(redis: Redis, channel: str, verdicts: Verdicts, stop: asyncio.Event) -> None:
+async def listen(redis: Client, channel: str, verdicts: Verdicts, stop: asyncio.Event) -> None:
     backoff = 0.05
     while not stop.is_set():
         pubsub = redis.pubsub()

@@ -28,7 +28,6 @@ from typing import cast
 
 import asyncpg
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -36,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from . import metrics
+from .connection import Client
 from .errors import ApiError
 from .keys import WORKER_TTL_MS, Keys
 from .queue import backlog
@@ -142,7 +142,7 @@ class Watch:
 
 
 class Monitor:
-    def __init__(self, redis: Redis, pool: asyncpg.Pool, keys: Keys, tally: Tally | None = None) -> None:
+    def __init__(self, redis: Client, pool: asyncpg.Pool, keys: Keys, tally: Tally | None = None) -> None:
         self.redis, self.pool, self.keys = redis, pool, keys
         self.tally = tally  # this process's answers from memory, added to the counters before a read
         self.computed = 0  # progress documents computed by this process
@@ -193,12 +193,14 @@ class Monitor:
             if raw is None:
                 raise ApiError("not_found", f"no sale {sale_id!r}")
             doc = msgspec.json.decode(raw, type=SaleIn)
+            # Redis's clock just before the reads: TIME names no key, so on a cluster it cannot
+            # share the sale's MULTI (a round trip early: nothing next to a rate over seconds).
+            seconds, micros = await self.redis.time()
             pipe = self.redis.pipeline(transaction=True)
-            pipe.time()
             pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "doc")
             for item in doc.items:
                 pipe.hgetall(k.item(sale_id, item.sku))
-            (seconds, micros), (state, starts, ends, current), *hashes = await pipe.execute()
+            (state, starts, ends, current), *hashes = await pipe.execute()
             if current != raw:
                 continue
             now = int(seconds) * 1000 + int(micros) // 1000

@@ -23,10 +23,11 @@ from typing import Any, Literal, cast
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from . import metrics
+from .connection import Client
 from .keys import GROUP, Keys
 from .queue import backlog
 from .sales import now_ms
@@ -151,7 +152,7 @@ async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
 
 @dataclass
 class Persister:
-    redis: Redis
+    redis: Client
     pool: asyncpg.Pool
     keys: Keys
     settings: Settings
@@ -233,23 +234,30 @@ class Persister:
             self._claimed_at = now
             for stream in streams:
                 await self.claim(stream, streams[stream], stop)
-        wanted: dict[Any, Any] = dict.fromkeys(streams, ">")
-        replies = cast(
-            list[tuple[str, list[Entry]]] | None,
-            await self.redis.xreadgroup(
-                GROUP,
-                self.name,
-                wanted,
-                count=self.settings.persist_batch,
-                block=self.settings.persist_block_ms,
-            ),
-        )
-        for stream, entries in replies or []:
+        for stream, entries in await self.read(streams):
             await self.handle(stream, streams[stream], entries, stop)
         if now - self._trimmed_at > 5.0:
             self._trimmed_at = now
             for stream in streams:
                 await self.trim(stream)
+
+    async def read(self, streams: dict[str, str]) -> list[tuple[str, list[Entry]]]:
+        """New entries of the streams, waiting up to persist_block_ms for some. On one Redis, one
+        blocking XREADGROUP over all of them. On a cluster, where a command's keys must share a
+        slot and every sale has its own, one XREADGROUP per stream, without blocking, in one
+        pipeline per master; then the wait, if none had anything."""
+        if not isinstance(self.redis, RedisCluster):
+            wanted: dict[Any, Any] = dict.fromkeys(streams, ">")
+            block = self.settings.persist_block_ms
+            got = await self.redis.xreadgroup(GROUP, self.name, wanted, count=self.settings.persist_batch, block=block)
+            return cast(list[tuple[str, list[Entry]]], got or [])
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xreadgroup(GROUP, self.name, {stream: ">"}, count=self.settings.persist_batch)
+        replies = [r for reply in await pipe.execute() for r in reply or []]
+        if not replies:
+            await asyncio.sleep(self.settings.persist_block_ms / 1000)
+        return cast(list[tuple[str, list[Entry]]], replies)
 
     async def claim(self, stream: str, sale_id: str, stop: asyncio.Event) -> None:
         """Takes over entries another (likely dead) consumer left pending too long."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from redis.asyncio import Redis
-
+from .connection import Client
 from .keys import GROUP, Keys
 from .sales import now_ms
 
@@ -22,7 +21,7 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-async def backlog(redis: Redis, keys: Keys, sale_id: str) -> Backlog:
+async def backlog(redis: Client, keys: Keys, sale_id: str) -> Backlog:
     stream = keys.events(sale_id)
     pipe = redis.pipeline(transaction=True)
     pipe.xinfo_groups(stream)

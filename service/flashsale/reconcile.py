@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import msgspec
-from redis.asyncio import Redis
 
+from .connection import Client
 from .keys import Keys
 from .queue import backlog
 from .schemas import SaleIn
@@ -32,7 +32,7 @@ class Report:
         return "\n".join(lines)
 
 
-async def reconcile(redis: Redis, conn: asyncpg.Connection, keys: Keys, sale_id: str) -> Report:
+async def reconcile(redis: Client, conn: asyncpg.Connection, keys: Keys, sale_id: str) -> Report:
     report = Report(sale_id)
     raw = await redis.hget(keys.sale(sale_id), "doc")
     if raw is None:

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from redis.asyncio import Redis
-
 from . import metrics
+from .connection import Client
 from .errors import ApiError
 from .keys import Keys
 from .sales import instant, now_ms
@@ -101,7 +100,7 @@ def reject(code: str, number: int) -> ApiError:
 
 @dataclass(frozen=True)
 class Reservations:
-    redis: Redis
+    redis: Client
     keys: Keys
     scripts: Scripts
     settings: Settings

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 import msgspec
-from redis.asyncio import Redis
 
+from .connection import Client
 from .errors import ApiError
 from .keys import GROUP, Keys
 from .schemas import (
@@ -96,7 +96,7 @@ def unique_skus(items: Sequence[ItemIn]) -> None:
 
 @dataclass(frozen=True)
 class Sales:
-    redis: Redis
+    redis: Client
     keys: Keys
     scripts: Scripts
     # sale id -> its skus field as last read: lets view() name the item keys without a round trip

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
 from .coalesce import Args, Coalescer
+from .connection import Client
 
 NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update", "sale_view", "retire")
 
@@ -43,7 +42,7 @@ class Scripts:
     retire: Script
 
     @classmethod
-    def load(cls, redis: Redis, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:
+    def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:
         calls = calls or Coalescer(redis)
         found: dict[str, Script] = {}
         for name in NAMES:

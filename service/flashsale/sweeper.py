@@ -12,9 +12,9 @@ import contextlib
 import logging
 from typing import cast
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .connection import Client
 from .keys import Keys
 from .reservations import settle
 from .sales import now_ms
@@ -24,7 +24,7 @@ from .settings import Settings
 log = logging.getLogger("flashsale.sweeper")
 
 
-async def sweep_once(redis: Redis, keys: Keys, scripts: Scripts, batch: int) -> int:
+async def sweep_once(redis: Client, keys: Keys, scripts: Scripts, batch: int) -> int:
     """Expires every due hold of every sale, ``batch`` per script call, until none is due (a
     crowd's holds all fall due together: one batch a tick would fall behind); returns how many."""
     sale_ids = cast(list[str], await redis.zrange(keys.active, 0, -1))
@@ -55,7 +55,7 @@ async def _expire(scripts: Scripts, keys: Keys, sale_id: str, sku: str, rids: li
     return n
 
 
-async def run(redis: Redis, keys: Keys, scripts: Scripts, settings: Settings, stop: asyncio.Event) -> None:
+async def run(redis: Client, keys: Keys, scripts: Scripts, settings: Settings, stop: asyncio.Event) -> None:
     """Sweeps until ``stop`` is set (an event, not task cancellation: a cancel that lands inside
     a Redis call can be swallowed there, and the loop would never end)."""
     interval = settings.sweep_interval_ms

@@ -1,7 +1,8 @@
 """Attempts answered from memory, added to the same Redis counters the reserve script keeps
 (``attempts`` and ``rej:<code>`` in the item hash), so progress counts every attempt (contract
 invariant 8). Flushed every ``interval_s`` and at shutdown; counts a failed flush could not
-write are kept for the next one.
+write are kept for the next one. One MULTI per sale: a sale's keys share one slot, two sales'
+need not (Redis Cluster), and the sales' flushes go out together.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import contextlib
 import logging
 from collections import Counter
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .connection import Client
 from .keys import Keys
 
 log = logging.getLogger("flashsale.tally")
 
 
 class Tally:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis, self.keys = redis, keys
         self._counts: Counter[tuple[str, str, str]] = Counter()  # (sale, sku, code) -> refusals
 
@@ -29,9 +30,13 @@ class Tally:
 
     async def flush(self) -> None:
         counts, self._counts = self._counts, Counter()
-        if not counts:
-            return
-        pipe = self.redis.pipeline(transaction=True)  # all of them or none
+        by_sale: dict[str, Counter[tuple[str, str, str]]] = {}
+        for (sale_id, sku, code), n in counts.items():
+            by_sale.setdefault(sale_id, Counter())[(sale_id, sku, code)] = n
+        await asyncio.gather(*(self._flush_sale(c) for c in by_sale.values()))
+
+    async def _flush_sale(self, counts: Counter[tuple[str, str, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=True)  # all of the sale's or none
         for (sale_id, sku, code), n in counts.items():
             item = self.keys.item(sale_id, sku)
             pipe.hincrby(item, "attempts", n)

@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
 from .auth import KeyRing, Role
+from .connection import Client
 from .errors import ApiError
 from .reservations import Reservations
 from .sales import Sales
@@ -31,7 +31,7 @@ FIELD = re.compile(r"at `\$\.([A-Za-z_]+)")
 @dataclass(frozen=True)
 class Services:
     settings: Settings
-    redis: Redis
+    redis: Client
     pool: asyncpg.Pool
     keyring: KeyRing
     sales: Sales

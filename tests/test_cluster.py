@@ -1,0 +1,186 @@
+"""The service on a real Redis Cluster: three Valkey masters on loopback, started by the tests.
+
+With ``REDIS_URL`` naming one node, the service finds out it is a cluster and routes every call by
+its keys' slot; a sale's keys share one hash tag, so each script touches one slot of one master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import RedisCluster
+
+from flashsale import connection, db
+from flashsale.embedded import EmbeddedCluster
+from flashsale.keys import Keys
+from flashsale.persister import Persister
+from flashsale.reconcile import reconcile
+from flashsale.settings import Settings
+
+from .conftest import OPS, STORE, create_sale, drained, serving
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedCluster]:
+    c = EmbeddedCluster(masters=3).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def on_cluster(settings: Settings, cluster: EmbeddedCluster) -> Settings:
+    return dataclasses.replace(settings, redis_url=cluster.url)
+
+
+@pytest.fixture
+async def cluster_redis(on_cluster: Settings) -> AsyncIterator[Any]:
+    client = await connection.connect(on_cluster.redis_url)
+    yield client
+    async for key in client.scan_iter(match=f"{on_cluster.key_prefix}:*", count=1000):
+        await client.unlink(key)
+    await client.aclose()
+
+
+@pytest.fixture
+async def cluster_client(on_cluster: Settings, cluster_redis: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(on_cluster) as url, httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+async def cluster_worker(on_cluster: Settings, cluster_redis: Any) -> AsyncIterator[Persister]:
+    pool = await db.create_pool(on_cluster.database_url, 2)
+    persister = Persister(cluster_redis, pool, Keys(on_cluster.key_prefix), on_cluster)
+    stop = asyncio.Event()
+    task = asyncio.create_task(persister.run(stop))
+    yield persister
+    stop.set()
+    await task
+    await pool.close()
+
+
+async def reserve(c: httpx.AsyncClient, sale: str, user: str, sku: str = "phone", key: str = "") -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return await c.post(
+        f"/v1/sales/{sale}/reservations", json={"user_id": user, "sku": sku, "quantity": 1}, headers=headers
+    )
+
+
+async def scripts_run_per_master(redis: Any) -> list[int]:
+    counts = []
+    for node in redis.get_primaries():
+        stats = await redis.info("commandstats", target_nodes=node)
+        counts.append(int(stats.get("cmdstat_evalsha", {}).get("calls", 0)))
+    return counts
+
+
+async def test_a_node_of_a_cluster_in_redis_url_gives_a_cluster_client(cluster: EmbeddedCluster) -> None:
+    client = await connection.connect(cluster.url)
+    try:
+        assert isinstance(client, RedisCluster)
+        assert len(client.get_primaries()) == 3
+    finally:
+        await client.aclose()
+
+
+async def test_a_crowd_on_a_cluster_buys_exactly_the_stock_of_sales_on_every_master_and_postgres_gets_it_all(
+    on_cluster: Settings,
+    cluster_redis: Any,
+    cluster_client: httpx.AsyncClient,
+    cluster_worker: Persister,
+    pg: asyncpg.Connection,
+) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    before = await scripts_run_per_master(cluster_redis)
+    # Enough sales that their hash tags fall on every master.
+    sales = [(await create_sale(cluster_client, items=[item(stock=15)]))["id"] for _ in range(6)]
+    users = [f"u{n}" for n in range(40)]
+
+    async def attempt(sale: str, user: str, n: int) -> tuple[str, str, int, str]:
+        r = await reserve(cluster_client, sale, user, key=f"{user}-{n}")
+        return sale, user, r.status_code, r.json().get("reservation_id") or r.json()["error"]["code"]
+
+    answers = await asyncio.gather(*(attempt(s, u, n) for s in sales for u in users for n in range(2)))
+    for sale in sales:
+        won = [a for a in answers if a[0] == sale and a[2] == 201]
+        assert len(won) == 15, f"{sale}: {len(won)} holds for 15 units"
+        assert max(Counter(a[1] for a in won).values()) <= 2
+        assert {a[3] for a in answers if a[0] == sale and a[2] == 409} == {"sold_out"}
+        view = (await cluster_client.get(f"/v1/sales/{sale}")).json()
+        assert (view["items"][0]["available"], view["items"][0]["held"]) == (0, 15)
+    after = await scripts_run_per_master(cluster_redis)
+    assert sum(1 for b, a in zip(before, after, strict=True) if a > b) >= 2, "every script ran on one master"
+    for sale in sales:
+        await drained(cluster_redis, keys, sale)
+        assert await pg.fetchval("SELECT count(*) FROM reservations WHERE sale_id = $1", sale) == 15
+        report = await reconcile(cluster_redis, pg, keys, sale)
+        assert not report.differences, report.differences
+
+
+async def test_a_cancel_on_a_cluster_makes_its_unit_reservable_again_after_sold_out_was_answered_from_memory(
+    cluster_client: httpx.AsyncClient,
+) -> None:
+    sale = (await create_sale(cluster_client, items=[item(stock=1)]))["id"]
+    first = await reserve(cluster_client, sale, "first")
+    assert first.status_code == 201
+    for _ in range(3):  # the first refusal from the script, the next ones from memory
+        assert (await reserve(cluster_client, sale, "late")).json()["error"]["code"] == "sold_out"
+    rid = first.json()["reservation_id"]
+    r = await cluster_client.post(f"/v1/reservations/{rid}/cancel", json={"user_id": "first"})
+    assert r.status_code == 200, r.text
+    deadline = asyncio.get_running_loop().time() + 0.25
+    while (r := await reserve(cluster_client, sale, "late")).status_code != 201:
+        assert asyncio.get_running_loop().time() < deadline, r.text
+        await asyncio.sleep(0.005)
+
+
+async def test_a_hold_left_to_expire_on_a_cluster_is_swept_and_its_unit_sold_again(
+    cluster_client: httpx.AsyncClient,
+) -> None:
+    sale = (await create_sale(cluster_client, hold_seconds=1, items=[item(stock=1)]))["id"]
+    assert (await reserve(cluster_client, sale, "slow")).status_code == 201
+    assert (await reserve(cluster_client, sale, "next")).status_code == 409
+    deadline = asyncio.get_running_loop().time() + 5
+    while (r := await reserve(cluster_client, sale, "next")).status_code != 201:
+        assert asyncio.get_running_loop().time() < deadline, r.text
+        await asyncio.sleep(0.05)
+    r = await cluster_client.get(f"/v1/sales/{sale}/progress", headers=OPS)
+    assert r.status_code == 200, r.text
+    progress = r.json()
+    assert progress["items"][0]["expired"] == 1
+
+
+def item(stock: int, sku: str = "phone") -> dict[str, Any]:
+    return {"sku": sku, "name": sku, "price_cents": 100, "stock": stock, "per_user_limit": 2}
+
+
+async def test_scripts_a_master_lost_are_loaded_again_and_the_calls_go_through(
+    cluster_redis: Any, cluster_client: httpx.AsyncClient
+) -> None:
+    sales = [(await create_sale(cluster_client, items=[item(stock=5)]))["id"] for _ in range(4)]
+    for node in cluster_redis.get_primaries():  # as masters restarted empty, or replicas promoted, would be
+        await cluster_redis.execute_command("SCRIPT FLUSH", target_nodes=node)
+    answers = await asyncio.gather(*(reserve(cluster_client, s, "after-flush") for s in sales))
+    assert [r.status_code for r in answers] == [201] * len(sales), [r.text for r in answers]
+
+
+async def test_metrics_on_a_cluster_show_the_numbers_of_sales_on_every_master(
+    cluster_client: httpx.AsyncClient,
+) -> None:
+    sales = [(await create_sale(cluster_client, items=[item(stock=5)]))["id"] for _ in range(4)]
+    for s in sales:
+        assert (await reserve(cluster_client, s, "m")).status_code == 201
+    r = await cluster_client.get("/metrics", headers=OPS)
+    assert r.status_code == 200, r.text
+    for s in sales:
+        line = f'flashsale_item_units{{sale_id="{s}",sku="phone",state="held"}} 1.0'
+        assert line in r.text, f"no held unit of {s} in /metrics"
