@@ -27,6 +27,8 @@ from .keys import Keys
 from .logs import setup_logging
 from .persister import Persister
 from .reconcile import reconcile
+from .recover import recover
+from .scripts import Scripts
 from .settings import Settings, SettingsError
 
 WORKER_HEALTHCHECK_S = 30  # how long `serve --workers N` lets a worker take to answer uvicorn's ping
@@ -76,6 +78,23 @@ def _reconcile(settings: Settings, sale_id: str, wait: float) -> int:
                 await asyncio.sleep(0.5)
             print(report.table())
             return 1 if report.differences else 0
+        finally:
+            await conn.close()
+            await redis.aclose()
+
+    return asyncio.run(go())
+
+
+def _recover(settings: Settings, sale_id: str) -> int:
+    async def go() -> int:
+        redis = await connection.connect(settings.redis_url)
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            keys = Keys(settings.key_prefix)
+            scripts = Scripts.load(redis, settings.lua_dir)
+            report = await recover(redis, conn, keys, scripts, sale_id, say=lambda line: print(line, flush=True))
+            print(report.table())
+            return 1 if report.problems or report.oversold else 0
         finally:
             await conn.close()
             await redis.aclose()
@@ -336,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("reconcile", help="compare Redis and Postgres for a sale; exit 1 on any difference")
     p.add_argument("sale_id")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the queue to drain first")
+    p = sub.add_parser("recover", help="rebuild a sale's Redis state from Postgres after Redis lost it")
+    p.add_argument("sale_id")
     args = parser.parse_args(argv)
     if getattr(args, "server", "uvicorn") == "granian" and not _granian_installed():
         print(f"flashsale: {GRANIAN_MISSING}", file=sys.stderr)
@@ -353,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             return _worker(settings)
         if args.command == "migrate":
             return _migrate(settings)
+        if args.command == "recover":
+            return _recover(settings, args.sale_id)
         return _reconcile(settings, args.sale_id, args.wait)
     except SettingsError as exc:
         print(f"flashsale: {exc}", file=sys.stderr)

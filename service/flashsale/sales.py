@@ -111,6 +111,12 @@ class Sales:
 
     async def create(self, sale: SaleIn) -> SaleOut:
         validate(sale)
+        await self.load(sale)
+        return await self.view(sale.id)
+
+    async def load(self, sale: SaleIn) -> None:
+        """The sale into Redis as new (lua/sale_create.lua): listed, active, every unit available.
+        ``already_exists`` if Redis has it."""
         k = self.keys
         # Listed first: a crash after the script leaves a listed sale, never an unlisted one
         # whose events nobody drains.
@@ -134,7 +140,6 @@ class Sales:
         )
         if result[0] == "err":
             raise ApiError(result[1])
-        return await self.view(sale.id)
 
     async def view(self, sale_id: str) -> SaleOut:
         """One sale in one round trip (``lua/sale_view.lua``): the crowd reads the sale ~10 times

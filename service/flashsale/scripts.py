@@ -16,7 +16,17 @@ from typing import Any
 from .coalesce import Args, Coalescer
 from .connection import Client
 
-NAMES = ("sale_create", "reserve", "settle", "sale_control", "restock", "sale_update", "sale_view", "retire")
+NAMES = (
+    "sale_create",
+    "reserve",
+    "settle",
+    "sale_control",
+    "restock",
+    "sale_update",
+    "sale_view",
+    "retire",
+    "recover_hold",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Scripts:
     sale_update: Script
     sale_view: Script
     retire: Script
+    recover_hold: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

@@ -1,0 +1,57 @@
+-- recover_hold: one reservation as Postgres has it, put back into Redis (flashsale recover), after
+-- Redis lost it (a restart without AOF, a failover that dropped acknowledged writes). The item's
+-- counters move as reserve.lua and settle.lua would have moved them, so conservation holds, and
+-- each call is atomic: it can run while the sale takes traffic.
+-- KEYS[1] item hash         fs:{S}:item:SKU
+-- KEYS[2] user units hash   fs:{S}:users:SKU
+-- KEYS[3] holds zset        fs:{S}:holds:SKU
+-- KEYS[4] reservation hash  fs:{S}:res:RID
+-- KEYS[5] idempotency key   fs:{S}:idem:...  (a never-used key when the reservation had none)
+-- ARGV[1] rid   ARGV[2] sku   ARGV[3] user   ARGV[4] qty   ARGV[5] status in Postgres
+-- ARGV[6] created_ms   ARGV[7] expires_ms   ARGV[8] final_ms ('' while held)   ARGV[9] payment_ref
+-- ARGV[10] idempotency key ('' for none)   ARGV[11] its value, "rid|sku:qty"
+-- ARGV[12] the changes channel   ARGV[13] the sale id (published there when units come back)
+-- Returns 'added' (Redis had none of it), 'settled' (Redis had it held, Postgres has its final
+-- status), or 'kept' (Redis knows as much or more: Postgres trails Redis).
+local qty = tonumber(ARGV[4])
+local status = ARGV[5]
+local current = redis.call('HGET', KEYS[4], 'status')
+
+local function finish()
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[4], 'final_ms', ARGV[8]) end
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], 'payment_ref', ARGV[9]) end
+end
+
+if not current then
+  redis.call('HSET', KEYS[4], 'rid', ARGV[1], 'sku', ARGV[2], 'user', ARGV[3], 'qty', qty,
+    'status', status, 'created_ms', ARGV[6], 'expires_ms', ARGV[7], 'idem', ARGV[10])
+  finish()
+  redis.call('HINCRBY', KEYS[1], 'reservations', 1)
+  if status == 'held' or status == 'confirmed' then
+    redis.call('HINCRBY', KEYS[1], 'available', -qty)
+    redis.call('HINCRBY', KEYS[1], status, qty)
+    redis.call('HINCRBY', KEYS[2], ARGV[3], qty)
+    if status == 'held' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1]) end
+  else  -- released or expired: its units went back to stock long ago
+    redis.call('HINCRBY', KEYS[1], status == 'released' and 'cancelled' or 'expired', qty)
+  end
+  if ARGV[10] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'NX') end
+  return 'added'
+end
+
+if current == 'held' and status ~= 'held' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'held', -qty)
+  if status == 'confirmed' then
+    redis.call('HINCRBY', KEYS[1], 'confirmed', qty)
+  else
+    redis.call('HINCRBY', KEYS[1], 'available', qty)
+    redis.call('HINCRBY', KEYS[1], status == 'released' and 'cancelled' or 'expired', qty)
+    redis.call('HINCRBY', KEYS[2], ARGV[3], -qty)
+    redis.call('PUBLISH', ARGV[12], ARGV[13])
+  end
+  redis.call('HSET', KEYS[4], 'status', status)
+  finish()
+  return 'settled'
+end
+return 'kept'

@@ -1,0 +1,174 @@
+"""``flashsale recover SALE_ID``: a sale's Redis state rebuilt from Postgres, after Redis lost it.
+
+Redis is where a sale is decided, and Postgres trails it by the persister's lag. Redis can lose
+what it had acknowledged: a restart without AOF loses everything since the last save, and a
+failover loses what the master acknowledged but had not yet sent to the replica that took over
+(replication is asynchronous). What reached Postgres can be put back; what never left Redis is
+gone with it (holds made in the last moments before the loss: the persistence lag, 20 ms at p99
+under load in BENCHMARKS.md).
+
+What recover does, in this order:
+
+1. If Redis has no sale hash, the sale is loaded again from its Postgres rows (window, hold
+   length, items with their stock and limits), with every unit available, then paused or ended as
+   Postgres says.
+2. Every reservation Postgres has is put back through ``lua/recover_hold.lua``, one atomic call
+   each: one Redis lost entirely comes back with its status, its expiry (a hold comes back into
+   the sweeper's due-time index), its units in the item's counters and the user's count, and its
+   idempotency key; one Redis still has as held while Postgres has its final status gets that
+   status. One Redis knows as well or better (Postgres trails Redis) is left alone, and so is
+   every reservation only Redis has: the persister has still to write it.
+
+Each call is atomic and moves the counters as reserve and settle do, so recover may run while
+the sale takes traffic, and running it twice changes nothing the second time. What it cannot
+restore: the attempts and rejection counters and the per-user rate windows (Postgres never had
+them). If units lost in Redis were sold again before recover ran (a lost hold's unit looked
+available), the item ends with ``available`` below zero: that many units were promised twice.
+Recover says so, and nothing more is sold until ops restock or cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from .connection import Client
+from .keys import Keys
+from .sales import Sales
+from .schemas import ItemIn, SaleIn
+from .scripts import Scripts
+
+BATCH = 500  # reservations put back per round of calls
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms(at: datetime | None) -> str:
+    """Unix ms, exactly (no float in between: 1733000000.123 * 1000 is ...122.99)."""
+    return "" if at is None else str((at - EPOCH) // timedelta(milliseconds=1))
+
+
+@dataclass
+class Recovery:
+    sale_id: str
+    sale_reloaded: bool = False
+    outcomes: Counter[str] = field(default_factory=Counter)  # added / settled / kept
+    oversold: dict[str, int] = field(default_factory=dict)  # sku -> units promised twice
+    problems: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"sale {self.sale_id}"]
+        lines.append("sale reloaded from Postgres" if self.sale_reloaded else "sale found in Redis")
+        lines.append(
+            f"reservations from Postgres: {self.outcomes['added']} restored, {self.outcomes['settled']} given"
+            f" their final status, {self.outcomes['kept']} already in Redis"
+        )
+        lines += [f"OVERSOLD: {sku}: {n} units promised twice (available {-n})" for sku, n in self.oversold.items()]
+        lines += [f"NOT RESTORED: {p}" for p in self.problems]
+        lines.append("not restored (never in Postgres): attempts and rejection counters, per-user rate windows")
+        return "\n".join(lines)
+
+
+async def recover(
+    redis: Client,
+    conn: asyncpg.Connection,
+    keys: Keys,
+    scripts: Scripts,
+    sale_id: str,
+    say: Callable[[str], None] = lambda line: None,
+) -> Recovery:
+    report = Recovery(sale_id)
+    sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id)
+    if sale is None:
+        report.problems.append(f"no sale {sale_id!r} in Postgres: nothing to recover from")
+        return report
+    items = await conn.fetch("SELECT * FROM items WHERE sale_id = $1 ORDER BY sku", sale_id)
+    if not await redis.exists(keys.sale(sale_id)):
+        await _reload(Sales(redis, keys, scripts), sale, items)
+        report.sale_reloaded = True
+        say(f"sale {sale_id} loaded again from Postgres, state {sale['state']}")
+    total = await conn.fetchval("SELECT count(*) FROM reservations WHERE sale_id = $1", sale_id)
+    done = 0
+    async with conn.transaction():  # a cursor needs one; it only reads
+        cursor = conn.cursor("SELECT * FROM reservations WHERE sale_id = $1 ORDER BY created_at, id", sale_id)
+        batch: list[asyncpg.Record] = []
+        async for row in cursor:
+            batch.append(row)
+            if len(batch) == BATCH:
+                report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
+                done += len(batch)
+                say(f"  {done:,} / {total:,} reservations")
+                batch = []
+        report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
+    for item in items:
+        available = int(await redis.hget(keys.item(sale_id, item["sku"]), "available") or 0)
+        if available < 0:
+            report.oversold[item["sku"]] = -available
+    return report
+
+
+async def _reload(sales: Sales, sale: asyncpg.Record, items: list[asyncpg.Record]) -> None:
+    doc = SaleIn(
+        id=sale["id"],
+        name=sale["name"],
+        starts_at=sale["starts_at"],
+        ends_at=sale["ends_at"],
+        hold_seconds=sale["hold_seconds"],
+        items=[
+            ItemIn(
+                sku=i["sku"],
+                name=i["name"],
+                price_cents=i["price_cents"],
+                stock=i["stock_total"],
+                per_user_limit=i["per_user_limit"],
+            )
+            for i in items
+        ],
+    )
+    await sales.load(doc)
+    if sale["state"] == "paused":
+        await sales.pause(doc.id)
+    elif sale["state"] == "ended":
+        await sales.end(doc.id)
+
+
+async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[asyncpg.Record]) -> list[str]:
+    """One recover_hold call per row, all sent together (the tick's pipeline)."""
+
+    def call(r: asyncpg.Record) -> asyncio.Future[str]:
+        final = r["confirmed_at"] or r["released_at"] or r["expired_at"]
+        idem = r["idempotency_key"] or ""
+        return asyncio.ensure_future(
+            scripts.recover_hold(
+                keys=[
+                    keys.item(sale_id, r["sku"]),
+                    keys.users(sale_id, r["sku"]),
+                    keys.holds(sale_id, r["sku"]),
+                    keys.reservation(sale_id, r["id"]),
+                    keys.idempotency(sale_id, r["user_id"], idem),
+                ],
+                args=[
+                    r["id"],
+                    r["sku"],
+                    r["user_id"],
+                    r["quantity"],
+                    r["status"],
+                    _ms(r["created_at"]),
+                    _ms(r["expires_at"]),
+                    _ms(final),
+                    r["payment_ref"] or "",
+                    idem,
+                    f"{r['id']}|{r['sku']}:{r['quantity']}",
+                    keys.changes,
+                    sale_id,
+                ],
+            )
+        )
+
+    return list(await asyncio.gather(*(call(r) for r in rows)))
