@@ -22,6 +22,8 @@ from flashsale.embedded import EmbeddedCluster
 from flashsale.keys import Keys
 from flashsale.persister import Persister
 from flashsale.reconcile import reconcile
+from flashsale.recover import recover
+from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 
 from .conftest import OPS, STORE, create_sale, drained, serving
@@ -184,3 +186,31 @@ async def test_metrics_on_a_cluster_show_the_numbers_of_sales_on_every_master(
     for s in sales:
         line = f'flashsale_item_units{{sale_id="{s}",sku="phone",state="held"}} 1.0'
         assert line in r.text, f"no held unit of {s} in /metrics"
+
+
+async def test_recover_on_a_cluster_brings_back_a_sale_whose_keys_were_deleted_mid_sale(
+    on_cluster: Settings,
+    cluster_redis: Any,
+    cluster_client: httpx.AsyncClient,
+    cluster_worker: Persister,
+    pg: asyncpg.Connection,
+) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    sale = (await create_sale(cluster_client, items=[item(stock=10)]))["id"]
+    held = [await reserve(cluster_client, sale, f"u{n}", key=f"k{n}") for n in range(4)]
+    assert [r.status_code for r in held] == [201] * 4
+    await drained(cluster_redis, keys, sale)
+    async for key in cluster_redis.scan_iter(match=keys.sale_pattern(sale), count=1000):
+        await cluster_redis.unlink(key)
+
+    scripts = Scripts.load(cluster_redis, on_cluster.lua_dir)
+    report = await recover(cluster_redis, pg, keys, scripts, sale)
+    await scripts.calls.close()
+
+    assert report.sale_reloaded and report.outcomes == {"added": 4}
+    view = (await cluster_client.get(f"/v1/sales/{sale}")).json()["items"][0]
+    assert (view["available"], view["held"]) == (6, 4)
+    replay = await reserve(cluster_client, sale, "u0", key="k0")
+    assert replay.status_code == 200 and replay.json()["reservation_id"] == held[0].json()["reservation_id"]
+    await drained(cluster_redis, keys, sale)
+    assert not (await reconcile(cluster_redis, pg, keys, sale)).differences

@@ -41,7 +41,9 @@ async def test_a_sale_whose_keys_are_gone_comes_back_with_its_holds_counts_limit
     c = await reserve(client, sale, "c")
     d = await reserve(client, sale, "d")
     assert [r.status_code for r in (a, b, c, d)] == [201] * 4
-    confirm = await client.post(f"/v1/reservations/{c.json()['reservation_id']}/confirm", json={"user_id": "c", "payment_ref": "pay-c"})
+    confirm = await client.post(
+        f"/v1/reservations/{c.json()['reservation_id']}/confirm", json={"user_id": "c", "payment_ref": "pay-c"}
+    )
     cancel = await client.post(f"/v1/reservations/{d.json()['reservation_id']}/cancel", json={"user_id": "d"})
     assert (confirm.status_code, cancel.status_code) == (200, 200)
     await drained(redis, keys, sale)
@@ -56,7 +58,9 @@ async def test_a_sale_whose_keys_are_gone_comes_back_with_its_holds_counts_limit
     assert (await reserve(client, sale, "a")).json()["error"]["code"] == "limit_exceeded"  # a holds 2 of 2
     again = await reserve(client, sale, "a", qty=2, key="a-1")  # a retry of a's reservation
     assert again.status_code == 200 and again.json()["reservation_id"] == a.json()["reservation_id"]
-    held = await client.post(f"/v1/reservations/{b.json()['reservation_id']}/confirm", json={"user_id": "b", "payment_ref": "pay-b"})
+    held = await client.post(
+        f"/v1/reservations/{b.json()['reservation_id']}/confirm", json={"user_id": "b", "payment_ref": "pay-b"}
+    )
     assert held.status_code == 200 and held.json()["status"] == "confirmed"
     await drained(redis, keys, sale)
     assert not (await reconcile(redis, pg, keys, sale)).differences

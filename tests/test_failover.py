@@ -1,0 +1,131 @@
+"""A master of the cluster killed mid-sale: 503 with Retry-After while its replica takes over,
+then the service goes on by itself; nothing oversold; what reached Postgres is in Redis after
+``recover`` (contract, "Scale"; README, "Running on a Redis Cluster")."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from flashsale import connection, db
+from flashsale.embedded import EmbeddedCluster
+from flashsale.keys import Keys
+from flashsale.persister import Persister
+from flashsale.reconcile import reconcile
+from flashsale.recover import recover
+from flashsale.scripts import Scripts
+from flashsale.settings import Settings
+
+from .conftest import STORE, create_sale, drained, serving
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
+
+STOCK = 100_000
+CALLERS = 16
+
+
+@pytest.fixture
+def replicated() -> Iterator[EmbeddedCluster]:
+    c = EmbeddedCluster(masters=3, replicas=1, node_timeout_ms=1000).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+async def cluster_redis(settings: Settings, replicated: EmbeddedCluster) -> AsyncIterator[Any]:
+    client = await connection.connect(replicated.url)
+    yield client
+    await client.aclose()
+
+
+async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over_and_loses_nothing_persisted(
+    settings: Settings, replicated: EmbeddedCluster, cluster_redis: Any, pg: asyncpg.Connection
+) -> None:
+    on_cluster = dataclasses.replace(settings, redis_url=replicated.url)
+    keys = Keys(on_cluster.key_prefix)
+    pool = await db.create_pool(on_cluster.database_url, 2)
+    persister = Persister(cluster_redis, pool, keys, on_cluster)
+    stop_persister = asyncio.Event()
+    persisting = asyncio.create_task(persister.run(stop_persister))
+    async with serving(on_cluster) as url, httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c:
+        item = {"sku": "phone", "name": "Phone", "price_cents": 100, "stock": STOCK, "per_user_limit": 1}
+        sale = (await create_sale(c, items=[item]))["id"]
+        owner = cluster_redis.get_node_from_key(keys.sale(sale))
+        master = next(n for n in replicated.nodes if n.port == owner.port)
+        answers: list[tuple[float, int, str | None, str]] = []  # (answered at, status, Retry-After, rid)
+        slowest = 0.0
+        killed_at = 0.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+
+        async def caller(n: int) -> None:
+            i = 0
+            nonlocal slowest
+            while loop.time() < deadline:
+                i += 1
+                sent = loop.time()
+                user = f"c{n}-{i}"
+                r = await c.post(
+                    f"/v1/sales/{sale}/reservations",
+                    json={"user_id": user, "sku": "phone", "quantity": 1},
+                    headers={"Idempotency-Key": user},
+                )
+                body = r.json()
+                slowest = max(slowest, loop.time() - sent)
+                answers.append(
+                    (loop.time(), r.status_code, r.headers.get("retry-after"), body.get("reservation_id", ""))
+                )
+                if killed_at and resumed(answers, killed_at):
+                    return
+                if r.status_code == 503:
+                    await asyncio.sleep(0.05)
+
+        def resumed(seen: list[tuple[float, int, str | None, str]], since: float) -> bool:
+            """Answers stopped, then came back: 20 holds made after the first 503 that followed the kill."""
+            down = [a for a in seen if a[0] > since and a[1] == 503]
+            return bool(down) and sum(1 for a in seen if a[0] > down[0][0] and a[1] == 201) >= 20
+
+        async def kill_after(seconds: float) -> None:
+            nonlocal killed_at
+            await asyncio.sleep(seconds)
+            assert master.process is not None
+            master.process.kill()
+            killed_at = loop.time()
+
+        await asyncio.gather(kill_after(1.0), *(caller(n) for n in range(CALLERS)))
+
+        statuses = {a[1] for a in answers}
+        assert statuses <= {201, 503}, f"answers other than holds and 503s: {statuses}"
+        outage = [a for a in answers if a[1] == 503]
+        assert outage, "killing the sale's master never showed"
+        assert all(a[2] for a in outage), "a 503 without Retry-After"
+        assert resumed(answers, killed_at), "the service did not come back by itself"
+        assert slowest < 1.2, f"a request waited {slowest:.2f} s: a failover must be answered, not waited out"
+
+        made = {a[3] for a in answers if a[1] == 201}
+        stock = await cluster_redis.hmget(keys.item(sale, "phone"), "available", "held", "confirmed")
+        available, held, confirmed = (int(v) for v in stock)
+        assert available + held + confirmed == STOCK and held <= len(made)
+        await drained(cluster_redis, keys, sale, timeout=30)
+        scripts = Scripts.load(cluster_redis, on_cluster.lua_dir)
+        report = await recover(cluster_redis, pg, keys, scripts, sale)
+        await scripts.calls.close()
+        assert not report.oversold
+        # A hold can be in Postgres without its caller having heard of it (the master ran the
+        # script, then died before the reply: a 503, and a retry with the key gets the hold).
+        persisted = {r["id"] for r in await pg.fetch("SELECT id FROM reservations WHERE sale_id = $1", sale)}
+        pipe = cluster_redis.pipeline(transaction=False)
+        for rid in persisted:
+            pipe.exists(keys.reservation(sale, rid))
+        assert all(await pipe.execute()), "a persisted hold is missing from Redis after recover"
+        await drained(cluster_redis, keys, sale, timeout=30)
+        assert not (await reconcile(cluster_redis, pg, keys, sale)).differences
+    stop_persister.set()
+    await persisting
+    await pool.close()
