@@ -214,3 +214,17 @@ async def test_recover_on_a_cluster_brings_back_a_sale_whose_keys_were_deleted_m
     assert replay.status_code == 200 and replay.json()["reservation_id"] == held[0].json()["reservation_id"]
     await drained(cluster_redis, keys, sale)
     assert not (await reconcile(cluster_redis, pg, keys, sale)).differences
+
+
+async def test_the_list_of_sales_on_a_cluster_shows_sales_of_every_master(
+    on_cluster: Settings, cluster_redis: Any, cluster_client: httpx.AsyncClient
+) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    made = [(await create_sale(cluster_client, items=[item(stock=3)]))["id"] for _ in range(6)]
+    masters = {cluster_redis.get_node_from_key(keys.sale(s)).name for s in made}
+    assert len(masters) >= 2, "the sales all hashed to one master: pick more"
+    r = await cluster_client.get("/v1/sales?limit=50", headers=OPS)
+    assert r.status_code == 200, r.text
+    listed = {s["id"]: s for s in r.json()["sales"]}
+    assert set(made) <= set(listed)
+    assert all(listed[s]["items"][0]["available"] == 3 for s in made)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -48,3 +50,25 @@ async def test_a_client_round_trips_through_a_real_server(settings: Settings) ->
     finally:
         await client.delete(key)
         await client.aclose()
+
+
+async def test_a_server_that_never_answers_is_taken_for_a_single_one_within_seconds() -> None:
+    """So that the service starts (and answers 503) while its Redis hangs, as with one that is down."""
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)  # reads the command, never answers
+        await done.wait()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    started = time.monotonic()
+    try:
+        assert await connection.is_cluster(f"redis://127.0.0.1:{port}/0") is False
+        assert time.monotonic() - started < 5
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()

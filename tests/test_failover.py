@@ -22,7 +22,7 @@ from flashsale.recover import recover
 from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 
-from .conftest import STORE, create_sale, drained, serving
+from .conftest import OPS, STORE, create_sale, drained, serving
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
 
@@ -129,3 +129,44 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
     stop_persister.set()
     await persisting
     await pool.close()
+
+
+async def test_the_changes_channel_is_heard_again_after_its_node_fails_over(
+    settings: Settings, replicated: EmbeddedCluster, cluster_redis: Any
+) -> None:
+    """The listener's node killed: once a replica took over, the process answers from memory again
+    (it trusts its memory only while subscribed)."""
+    on_cluster = dataclasses.replace(settings, redis_url=replicated.url)
+    keys = Keys(on_cluster.key_prefix)
+    owner = cluster_redis.get_node_from_key(keys.changes)  # a plain channel: its subscriber sits here
+    node = next(n for n in replicated.nodes if n.port == owner.port)
+    async with serving(on_cluster) as url, httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c:
+        item = {"sku": "phone", "name": "Phone", "price_cents": 100, "stock": 1, "per_user_limit": 1}
+        sale = (await create_sale(c, items=[item]))["id"]
+
+        async def attempt(user: str) -> int:
+            r = await c.post(f"/v1/sales/{sale}/reservations", json={"user_id": user, "sku": "phone", "quantity": 1})
+            return r.status_code
+
+        assert await attempt("first") == 201
+        assert node.process is not None
+        node.process.kill()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # until memory answers again: the counter of answers from memory moves
+            before = await from_memory(c)
+            assert await attempt("late") in (409, 503)
+            assert await attempt("late") in (409, 503)
+            if await from_memory(c) > before:
+                break
+            assert loop.time() < deadline, "the process never trusted its memory again"
+            await asyncio.sleep(0.2)
+
+
+async def from_memory(c: httpx.AsyncClient) -> float:
+    text = (await c.get("/metrics", headers=OPS)).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("flashsale_refusals_from_memory_total{")
+    )

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -176,6 +176,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             ApiError: on_api_error,
             RedisError: on_redis_error,
+            RedisClusterException: on_redis_error,
             HTTPException: on_http_error,
             Exception: on_crash,
         },

@@ -16,11 +16,14 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
 log = logging.getLogger("flashsale.redis")
 Client: TypeAlias = Redis | RedisCluster
+# What a call raises when Redis, or a part of the cluster, cannot answer it: the cluster client's
+# own errors (no master for a slot, a slot map being rebuilt) are not RedisErrors.
+ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 
 class HiredisPacked(Connection):
@@ -54,12 +57,15 @@ def client(url: str, pool_size: int | None = None, **options: Any) -> Redis:
 
 async def is_cluster(url: str) -> bool:
     """Whether the server at ``url`` runs in cluster mode (``INFO cluster``). A server that does
-    not answer is taken for a single one, so that the service starts (and answers 503) while
-    Redis is down, as it always has; a cluster must be up when the service starts."""
-    probe = Redis.from_url(url, decode_responses=True, single_connection_client=True, socket_connect_timeout=2)
+    not answer (or will not run INFO for this user) is taken for a single one, so that the service
+    starts (and answers 503) while Redis is down, as it always has; a cluster must be up and
+    answer INFO when the service starts."""
+    probe = Redis.from_url(
+        url, decode_responses=True, single_connection_client=True, socket_connect_timeout=2, socket_timeout=2
+    )
     try:
         return bool((await probe.info("cluster")).get("cluster_enabled"))
-    except (RedisConnectionError, TimeoutError, OSError) as exc:
+    except ERRORS as exc:  # down, silent, or INFO not allowed to this user
         log.warning("could not ask REDIS_URL whether it is a cluster node; taking it for one server: %r", exc)
         return False
     finally:

@@ -14,11 +14,10 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import RedisError
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import metrics
+from . import connection, metrics
 from .errors import ApiError
 from .schemas import ReserveIn, encoder
 from .web import Disconnected, Services, decode, read, valid_slug
@@ -51,7 +50,7 @@ class Endpoint:
             status, body, extra = await self.handler(scope, receive)
         except ApiError as exc:
             status, body, extra = exc.answer()
-        except RedisError as exc:
+        except connection.ERRORS as exc:
             log.warning("redis unavailable: %r", exc)
             status, body, extra = ApiError("unavailable", retry_after=1).answer()
         except Disconnected:

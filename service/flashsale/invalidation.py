@@ -15,8 +15,9 @@ import contextlib
 import logging
 import time
 
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
 
+from . import connection
 from .connection import Client
 from .verdicts import Verdicts
 
@@ -54,13 +55,19 @@ async def listen(redis: Client, channel: str, verdicts: Verdicts, stop: asyncio.
                     backoff = 0.05
                 elif message["type"] == "message":
                     verdicts.forget(message["data"])
-        except (RedisError, OSError) as exc:
+        except connection.ERRORS as exc:
             if verdicts.trusted:
                 log.warning("changes channel lost, answering nothing from memory until it is back: %r", exc)
         finally:
             verdicts.channel(up=False)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*connection.ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if isinstance(redis, RedisCluster) and not stop.is_set():
+                # This client carries nothing but the subscription, so nothing else would tell it
+                # that its node failed over: read the slot map again before subscribing again.
+                with contextlib.suppress(*connection.ERRORS):
+                    await redis.aclose()
+                    await redis.initialize()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), backoff)
         backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -37,6 +37,11 @@ class Keys:
     def sweeper_lock(self) -> str:
         return f"{self.prefix}:sweeper:lock"
 
+    # STRING, PX 2 s: the persister whose consumer name it holds runs the live audit (audit.py).
+    @property
+    def audit_lock(self) -> str:
+        return f"{self.prefix}:audit:lock"
+
     # ZSET: persister consumer name -> its last heartbeat (unix ms), refreshed every loop; removed
     # on a clean stop, and entries older than WORKER_TTL_MS are dropped by whoever counts them.
     # One key, counted in O(log N): never a SCAN over the keyspace, which grows with every hold.
@@ -57,7 +62,8 @@ class Keys:
 
     # HASH: state, window, hold length, the sale document (JSON), skus, created_ms, changed_ms
     # (time of the last change, the at_ms of its event), rev (bumped by every change to the
-    # document or window; updates compare it). Lives with the sale.
+    # document or window; updates compare it), audit (JSON list of the differences the live audit
+    # last found, audit.py). Lives with the sale.
     def sale(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:sale"
 

@@ -175,6 +175,14 @@ class FromRedis(Collector):
             "flashsale_dead_lettered_events", "Events in the sale's dead-letter stream", labels=sale
         )
         persisted = GaugeMetricFamily("flashsale_persisted_reservations", "Reservation rows in Postgres", labels=sale)
+        drift = GaugeMetricFamily(
+            "flashsale_item_drift_units",
+            "available + held + confirmed - stock_total: 0 unless a unit was lost",
+            labels=item,
+        )
+        differences = GaugeMetricFamily(
+            "flashsale_sale_drift", "Differences the live audit finds (units, Redis against Postgres)", labels=sale
+        )
         for p in self.sales:
             for i in p.items:
                 at = [p.sale_id, i.sku]
@@ -182,15 +190,17 @@ class FromRedis(Collector):
                 for state in ("available", "held", "confirmed", "released"):
                     units.add_metric([*at, state], getattr(i, state))
                 made.add_metric(at, i.reservations)
+                drift.add_metric(at, i.drift)
                 attempts.add_metric(at, i.attempts)
                 for code, n in sorted(i.rejected.items()):
                     rejected.add_metric([*at, code], n)
             backlog.add_metric([p.sale_id], p.queue_backlog)
             age.add_metric([p.sale_id], p.oldest_unpersisted_age_s)
             dead.add_metric([p.sale_id], p.dead_lettered)
+            differences.add_metric([p.sale_id], len(p.drift))
             if p.persisted is not None:
                 persisted.add_metric([p.sale_id], p.persisted)
-        yield from (total, units, made, attempts, rejected, backlog, age, dead, persisted)
+        yield from (total, units, made, attempts, rejected, backlog, age, dead, persisted, drift, differences)
 
 
 def _registry(collectors: Iterable[Collector]) -> CollectorRegistry:

@@ -34,7 +34,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from . import metrics
+from . import connection, metrics
+from .audit import conservation
 from .connection import Client
 from .errors import ApiError
 from .keys import WORKER_TTL_MS, Keys
@@ -111,6 +112,7 @@ def _item(sale_id: str, sku: str, name: str, h: dict[str, str]) -> ItemProgress:
         reservations=n("reservations"),
         attempts=n("attempts"),
         rejected={f[4:]: int(v) for f, v in sorted(h.items()) if f.startswith("rej:")},
+        drift=n("available") + n("held") + n("confirmed") - n("stock_total"),
     )
 
 
@@ -155,7 +157,7 @@ class Monitor:
     async def progress(self, sale_id: str) -> SaleProgress:
         if self.tally is not None:
             await self.tally.flush()
-        at, status, items = await self._snapshot(sale_id)
+        at, status, items, audited = await self._snapshot(sale_id)
         queue, persisted, workers = await asyncio.gather(
             backlog(self.redis, self.keys, sale_id), self._persisted(sale_id), self.workers_alive()
         )
@@ -181,9 +183,13 @@ class Monitor:
             dead_lettered=queue.dead_lettered,
             workers_alive=workers,
             rates=self._remember(sale_id, counters),
+            drift=[
+                *(d for i in items if (d := conservation(i.sku, i.stock_total, i.available, i.held, i.confirmed))),
+                *(d for d in audited if d.startswith("postgres: ")),
+            ],
         )
 
-    async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress]]:
+    async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str]]:
         """The sale and all its items in one MULTI, so the numbers agree with each other. The
         items to read come from the document read just before: if an update changed it in
         between, read again."""
@@ -197,10 +203,10 @@ class Monitor:
             # share the sale's MULTI (a round trip early: nothing next to a rate over seconds).
             seconds, micros = await self.redis.time()
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "doc")
+            pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "doc", "audit")
             for item in doc.items:
                 pipe.hgetall(k.item(sale_id, item.sku))
-            (state, starts, ends, current), *hashes = await pipe.execute()
+            (state, starts, ends, current, audited), *hashes = await pipe.execute()
             if current != raw:
                 continue
             now = int(seconds) * 1000 + int(micros) // 1000
@@ -217,7 +223,8 @@ class Monitor:
                 )
                 for i in items
             ]
-            return now, sale_status(state, int(starts), int(ends), now, shown), items
+            audit = msgspec.json.decode(audited or "[]", type=list[str])
+            return now, sale_status(state, int(starts), int(ends), now, shown), items, audit
         raise ApiError("unavailable", "the sale kept changing while it was read", retry_after=1)
 
     async def _persisted(self, sale_id: str) -> int | None:
@@ -353,7 +360,7 @@ async def prometheus(request: Request) -> Response:
             with contextlib.suppress(ApiError):  # ended or removed since it was listed
                 sales.append(await monitor.progress(sale_id))
         workers = await monitor.workers_alive()
-    except RedisError as exc:  # still answer with this process's numbers, and redis_up 0
+    except connection.ERRORS as exc:  # still answer with this process's numbers, and redis_up 0
         log.warning("metrics: redis unavailable: %r", exc)
         sales = []
     metrics.flush()  # on the loop, where requests are counted

@@ -24,9 +24,9 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import RedisCluster
-from redis.exceptions import RedisError
 
-from . import metrics
+from . import connection, metrics
+from .audit import Auditor
 from .connection import Client
 from .keys import GROUP, Keys
 from .queue import backlog
@@ -164,9 +164,11 @@ class Persister:
     _streams_at: float = 0.0
     _retired_at: float = 0.0
     _retire: Script = field(init=False)
+    auditor: Auditor = field(init=False)
 
     def __post_init__(self) -> None:
         self._retire = Scripts.load(self.redis, self.settings.lua_dir).retire
+        self.auditor = Auditor(self.redis, self.pool, self.keys)
 
     _claimed_at: float = 0.0
     _trimmed_at: float = 0.0
@@ -213,7 +215,7 @@ class Persister:
             try:
                 await self.step(stop)
                 backoff = 0.1
-            except RedisError as exc:
+            except connection.ERRORS as exc:
                 log.warning("redis unreachable, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -226,6 +228,7 @@ class Persister:
         if time.monotonic() - self._retired_at > 1.0:
             self._retired_at = time.monotonic()
             await self.retire()
+            await self.auditor.run_once(list(self._until), self.name)
         if not streams:
             await asyncio.sleep(self.settings.persist_block_ms / 1000)
             return

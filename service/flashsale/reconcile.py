@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from .connection import Client
 from .keys import Keys
@@ -32,7 +33,7 @@ class Report:
         return "\n".join(lines)
 
 
-async def reconcile(redis: Client, conn: asyncpg.Connection, keys: Keys, sale_id: str) -> Report:
+async def reconcile(redis: Client, conn: asyncpg.Connection | PoolConnectionProxy, keys: Keys, sale_id: str) -> Report:
     report = Report(sale_id)
     raw = await redis.hget(keys.sale(sale_id), "doc")
     if raw is None:

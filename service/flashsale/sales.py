@@ -33,7 +33,6 @@ from .schemas import (
 from .scripts import Scripts
 
 ITEM_FIELDS = ("stock_total", "available", "held", "confirmed", "per_user_limit")
-SNAPSHOT_TRIES = 5
 VIEW_TRIES = 20  # the first try may only learn the skus; the rest back off
 UPDATE_TRIES = 10
 UPDATE_REFUSED = {
@@ -196,50 +195,18 @@ class Sales:
         raise ApiError("unavailable", "the sale kept changing while it was read", retry_after=1)
 
     async def views(self, sale_ids: Sequence[str]) -> list[SaleOut | None]:
-        """Each sale as one atomic snapshot (MULTI) of it and all its items, so the numbers agree;
-        None for an id without a sale. Which items to read comes from the skus read just before;
-        a sale whose item list an update changed in between is read again."""
-        k = self.keys
-        found: dict[str, SaleOut | None] = {}
-        todo = list(dict.fromkeys(sale_ids))
-        for _ in range(SNAPSHOT_TRIES):
-            pipe = self.redis.pipeline(transaction=False)
-            for sale_id in todo:
-                pipe.hget(k.sale(sale_id), "skus")
-            listed: dict[str, list[str]] = {}
-            for sale_id, skus in zip(todo, await pipe.execute(), strict=True):
-                if skus is None:
-                    found[sale_id] = None
-                else:
-                    listed[sale_id] = skus.split(",")
-            todo = []
-            if not listed:
-                break
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.time()
-            for sale_id, skus in listed.items():
-                pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "hold_ms", "doc")
-                for sku in skus:
-                    pipe.hmget(k.item(sale_id, sku), *ITEM_FIELDS)
-                    pipe.zrange(k.holds(sale_id, sku), 0, 0, withscores=True)
-            replies = await pipe.execute()
-            seconds, micros = replies[0]
-            now = int(seconds) * 1000 + int(micros) // 1000
-            at = 1
-            for sale_id, skus in listed.items():
-                state, starts, ends, hold, raw = replies[at]
-                parts = replies[at + 1 : at + 1 + 2 * len(skus)]
-                at += 1 + 2 * len(skus)
-                doc = msgspec.json.decode(raw, type=SaleIn)
-                if [i.sku for i in doc.items] != skus:
-                    todo.append(sale_id)
-                    continue
-                found[sale_id] = _sale_out(sale_id, doc, state, int(starts), int(ends), int(hold), parts, now)
-            if not todo:
-                break
-        else:
-            raise ApiError("unavailable", "the sale kept changing while it was read", retry_after=1)
-        return [found[s] for s in sale_ids]
+        """Each sale as ``view`` reads it (one atomic script call each, all in the tick's
+        pipeline: one round trip per master), None for an id without a sale."""
+
+        async def one(sale_id: str) -> SaleOut | None:
+            try:
+                return await self.view(sale_id)
+            except ApiError as exc:
+                if exc.code == "not_found":
+                    return None
+                raise
+
+        return list(await asyncio.gather(*(one(s) for s in sale_ids)))
 
     async def page(self, limit: int, cursor: str | None = None) -> SalePage:
         """Sales newest first. The cursor is the (created ms, id) of the last sale shown, so a

@@ -153,6 +153,7 @@ class ItemProgress(Struct):
     reservations: int
     attempts: int
     rejected: dict[str, int]  # error code -> attempts refused with it
+    drift: int = 0  # available + held + confirmed - stock_total: 0 unless a unit was made or lost
 
 
 class Rates(Struct):
@@ -184,3 +185,6 @@ class SaleProgress(Struct):
     dead_lettered: int
     workers_alive: int  # persister processes with a live heartbeat
     rates: RateWindows
+    # What the live audit finds wrong, one line each with the numbers: an item whose units do
+    # not add up (now), and Redis against Postgres (at the last audit with the queue empty).
+    drift: list[str] = msgspec.field(default_factory=list)

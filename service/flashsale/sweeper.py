@@ -12,8 +12,7 @@ import contextlib
 import logging
 from typing import cast
 
-from redis.exceptions import RedisError
-
+from . import connection
 from .connection import Client
 from .keys import Keys
 from .reservations import settle
@@ -65,7 +64,7 @@ async def run(redis: Client, keys: Keys, scripts: Scripts, settings: Settings, s
                 n = await sweep_once(redis, keys, scripts, settings.sweep_batch)
                 if n:
                     log.info("expired holds", extra={"expired": n})
-        except RedisError as exc:
+        except connection.ERRORS as exc:
             log.warning("sweep failed, retrying next tick: %s", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval / 1000)

@@ -1,8 +1,8 @@
 """Attempts answered from memory, added to the same Redis counters the reserve script keeps
 (``attempts`` and ``rej:<code>`` in the item hash), so progress counts every attempt (contract
 invariant 8). Flushed every ``interval_s`` and at shutdown; counts a failed flush could not
-write are kept for the next one. One MULTI per sale: a sale's keys share one slot, two sales'
-need not (Redis Cluster), and the sales' flushes go out together.
+write are kept for the next one. One MULTI for all of them; on a cluster, where two sales'
+keys need not share a slot, one MULTI per sale, sent together.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import contextlib
 import logging
 from collections import Counter
 
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
 
+from . import connection
 from .connection import Client
 from .keys import Keys
 
@@ -30,20 +31,25 @@ class Tally:
 
     async def flush(self) -> None:
         counts, self._counts = self._counts, Counter()
+        if not counts:
+            return
+        if not isinstance(self.redis, RedisCluster):
+            await self._flush_sale(counts)  # one MULTI for all: one server, one round trip
+            return
         by_sale: dict[str, Counter[tuple[str, str, str]]] = {}
         for (sale_id, sku, code), n in counts.items():
             by_sale.setdefault(sale_id, Counter())[(sale_id, sku, code)] = n
         await asyncio.gather(*(self._flush_sale(c) for c in by_sale.values()))
 
     async def _flush_sale(self, counts: Counter[tuple[str, str, str]]) -> None:
-        pipe = self.redis.pipeline(transaction=True)  # all of the sale's or none
+        pipe = self.redis.pipeline(transaction=True)  # all of them or none
         for (sale_id, sku, code), n in counts.items():
             item = self.keys.item(sale_id, sku)
             pipe.hincrby(item, "attempts", n)
             pipe.hincrby(item, f"rej:{code}", n)
         try:
             replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except connection.ERRORS as exc:
             # Kept for the next flush. Only if the connection died after Redis ran the EXEC but
             # before its reply came back are they counted twice: the lesser wrong, and rare.
             log.warning("could not add %d answers from memory to progress, retrying: %r", counts.total(), exc)
