@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,7 +24,7 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from flashsale import connection, db
-from flashsale.embedded import EmbeddedCluster
+from flashsale.embedded import EmbeddedCluster, free_port
 from flashsale.keys import Keys
 from flashsale.persister import Persister
 from flashsale.reconcile import reconcile
@@ -26,7 +32,10 @@ from flashsale.recover import recover
 from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 
+from . import procs
 from .conftest import OPS, STORE, create_sale, drained, serving
+from .test_dev import readme_block
+from .test_faults import crowd
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
 
@@ -228,3 +237,60 @@ async def test_the_list_of_sales_on_a_cluster_shows_sales_of_every_master(
     listed = {s["id"]: s for s in r.json()["sales"]}
     assert set(made) <= set(listed)
     assert all(listed[s]["items"][0]["available"] == 3 for s in made)
+
+
+async def test_a_persister_killed_mid_batch_on_a_cluster_loses_nothing_and_doubles_nothing(
+    on_cluster: Settings, cluster_redis: Any, cluster_client: httpx.AsyncClient, pg: asyncpg.Connection
+) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    n = 600
+    sales = [(await create_sale(cluster_client, items=[item(stock=n)]))["id"] for _ in range(3)]
+    rids = {s: await crowd(cluster_client, s, n) for s in sales}
+    await pg.execute("""
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON reservations FOR EACH ROW EXECUTE FUNCTION slow();""")
+    count = "SELECT count(*) FROM reservations"
+    with procs.worker(on_cluster, FLASHSALE_PERSIST_BATCH="100") as first:
+        while await pg.fetchval(count) < 100:
+            await asyncio.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert 0 < await pg.fetchval(count) < 3 * n, "the kill should land mid-way"
+    with procs.worker(on_cluster, FLASHSALE_PERSIST_BATCH="200"):  # claims what the dead one left pending
+        for s in sales:
+            await drained(cluster_redis, keys, s, timeout=90)
+    for s in sales:
+        found = await pg.fetch("SELECT id, status FROM reservations WHERE sale_id = $1", s)
+        assert sorted(r["id"] for r in found) == sorted(rids[s])
+        assert (await reconcile(cluster_redis, pg, keys, s)).differences == []
+
+
+def test_the_readme_try_it_block_runs_against_flashsale_dev_on_a_cluster(
+    cluster: EmbeddedCluster, tmp_path: Path
+) -> None:
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "REDIS_URL": cluster.url}
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "dev", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".flashsale-dev.env").exists():
+            assert dev.poll() is None, "flashsale dev exited during start-up"
+            assert time.monotonic() < deadline, "flashsale dev did not come up in 60 s"
+            time.sleep(0.2)
+        run = subprocess.run(
+            ["bash", "-e", "-c", readme_block()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert '"status":"confirmed"' in run.stdout and "no differences" in run.stdout
+    finally:
+        os.killpg(dev.pid, signal.SIGINT)
+        dev.wait(30)
