@@ -4,6 +4,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY lua ./lua
 COPY migrations ./migrations
-# Editable install: the code finds lua/ and migrations/ beside service/.
+COPY docs ./docs
+# Editable install: the code finds lua/, migrations/ and docs/ beside service/.
 RUN pip install --no-cache-dir -e .
 USER nobody

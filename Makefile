@@ -8,13 +8,19 @@ USERS ?= 2000
 
 .PHONY: run test lint mypy check loadtest bench clean
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: the service alone (what `make run` needs), and the service with the development
+# tools (tests, linters, load tests, benchmarks) on top.
+$(VENV)/.service: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.service
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-run: $(VENV)/.installed  ## the whole service on throwaway servers (or REDIS_URL / DATABASE_URL)
+run: $(VENV)/.service  ## the whole service on throwaway servers (or REDIS_URL / DATABASE_URL)
 	$(BIN)/flashsale dev
 
 TEST_WORKERS ?= 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -59,17 +60,15 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
         owner = cluster_redis.get_node_from_key(keys.sale(sale))
         master = next(n for n in replicated.nodes if n.port == owner.port)
         answers: list[tuple[float, int, str | None, str]] = []  # (answered at, status, Retry-After, rid)
-        slowest = 0.0
+        refused = Counter[int]()  # caller -> 503s it was answered
         killed_at = 0.0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
 
         async def caller(n: int) -> None:
             i = 0
-            nonlocal slowest
             while loop.time() < deadline:
                 i += 1
-                sent = loop.time()
                 user = f"c{n}-{i}"
                 r = await c.post(
                     f"/v1/sales/{sale}/reservations",
@@ -77,13 +76,13 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
                     headers={"Idempotency-Key": user},
                 )
                 body = r.json()
-                slowest = max(slowest, loop.time() - sent)
                 answers.append(
                     (loop.time(), r.status_code, r.headers.get("retry-after"), body.get("reservation_id", ""))
                 )
                 if killed_at and resumed(answers, killed_at):
                     return
                 if r.status_code == 503:
+                    refused[n] += 1
                     await asyncio.sleep(0.05)
 
         def resumed(seen: list[tuple[float, int, str | None, str]], since: float) -> bool:
@@ -106,7 +105,10 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
         assert outage, "killing the sale's master never showed"
         assert all(a[2] for a in outage), "a 503 without Retry-After"
         assert resumed(answers, killed_at), "the service did not come back by itself"
-        assert slowest < 1.2, f"a request waited {slowest:.2f} s: a failover must be answered, not waited out"
+        # Answered, not waited out: a caller that tries again is told 503 again while the replica
+        # takes over (a client retrying for seconds inside each call would give each caller one
+        # 503, the call in flight at the kill, and then hold its next call until the failover).
+        assert max(refused.values()) >= 2, f"no caller was refused twice: {dict(refused)}"
 
         made = {a[3] for a in answers if a[1] == 201}
         stock = await cluster_redis.hmget(keys.item(sale, "phone"), "available", "held", "confirmed")

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from . import admin, connection, db, hot, invalidation, metrics, monitor, openapi, sweeper
+from . import admin, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper
 from .auth import KeyRing
 from .coalesce import Coalescer
 from .errors import ApiError
@@ -90,6 +90,7 @@ ROUTES: list[BaseRoute] = [
     Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),
     *admin.ROUTES,
     *monitor.ROUTES,
+    *docs.ROUTES,
 ]
 
 

@@ -46,7 +46,10 @@ def _op(
         "summary": summary,
         "responses": {str(code): {"description": t.__name__, **_content(t)} for code, t in ok.items()},
     }
-    op["responses"]["default"] = {"description": "an error; see the contract's table of codes", **_content(Error)}
+    op["responses"]["default"] = {
+        "description": "an error; its codes are in the API reference (GET /docs)",
+        **_content(Error),
+    }
     if role:
         op["security"] = [{"bearer": []}]
         op["description"] = f"Needs a{'n ops' if role == 'ops' else ' storefront or ops'} key."
@@ -159,7 +162,7 @@ def _monitor_paths() -> dict[str, Any]:
         },
     }
     ops = "Needs an ops key."
-    error = {"description": "an error; see the contract's table of codes", **_content(Error)}
+    error = {"description": "an error; its codes are in the API reference (GET /docs)", **_content(Error)}
     stream = (
         "Server-sent events, at least one a second: `event: progress` with the same JSON document "
         "as GET .../progress in `data`, or `event: error` with an error body while it cannot be read "
@@ -239,6 +242,12 @@ def document() -> bytes:
         "/healthz": {"get": _op("The process is up", ok={200: Health}, role=None)},
         "/readyz": {"get": _op("Redis and Postgres are reachable", ok={200: Health, 503: Health}, role=None)},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+        "/docs": {
+            "get": {
+                "summary": "The API reference as one HTML page, nothing loaded from elsewhere",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
+        },
         "/v1/sales": {
             "post": _op(
                 "Create a sale; its stock is in Redis before the 201", ok={201: SaleOut}, role="ops", body=SaleIn
@@ -273,7 +282,8 @@ def document() -> bytes:
         "info": {
             "title": "flashsale",
             "version": __version__,
-            "description": "Flash-sale checkout and reservations. See CONTRACT.md for the invariants.",
+            "description": "Flash-sale checkout and reservations. "
+            "The reference, with the error codes and the invariants, is at /docs (docs/api.md).",
         },
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
