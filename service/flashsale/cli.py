@@ -268,7 +268,7 @@ def _dev(host: str, port: int, settings: Settings) -> int:
         print(
             f"""
 flashsale is running: {base}
-  API docs (OpenAPI): {base}/openapi.json
+  API reference:      {base}/docs  (docs/api.md; OpenAPI at {base}/openapi.json)
   dashboard:          {base}/dashboard  (sign in with the ops key)
   ops key:            {ops_key}
   storefront key:     {store_key}
