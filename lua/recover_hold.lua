@@ -7,6 +7,7 @@
 -- KEYS[3] holds zset        fs:{S}:holds:SKU
 -- KEYS[4] reservation hash  fs:{S}:res:RID
 -- KEYS[5] idempotency key   fs:{S}:idem:...  (a never-used key when the reservation had none)
+-- KEYS[6] user's holds zset fs:{S}:mine:USER
 -- ARGV[1] rid   ARGV[2] sku   ARGV[3] user   ARGV[4] qty   ARGV[5] status in Postgres
 -- ARGV[6] created_ms   ARGV[7] expires_ms   ARGV[8] final_ms ('' while held)   ARGV[9] payment_ref
 -- ARGV[10] idempotency key ('' for none)   ARGV[11] its value, "rid|sku:qty"
@@ -36,6 +37,7 @@ if not current then
     redis.call('HINCRBY', KEYS[1], status == 'released' and 'cancelled' or 'expired', qty)
   end
   if ARGV[10] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'NX') end
+  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
   return 'added'
 end
 

@@ -10,6 +10,7 @@
 -- KEYS[6] event stream      fs:{S}:events
 -- KEYS[7] idempotency key   fs:{S}:idem:...  (a never-used key when the client sent none)
 -- KEYS[8] rate counter      fs:{S}:rate:USER
+-- KEYS[9] user's holds zset fs:{S}:mine:USER  (rid -> created ms: GET .../reservations?user_id=)
 -- ARGV[1] rid  ARGV[2] user_id  ARGV[3] sku  ARGV[4] quantity  ARGV[5] body fingerprint
 -- ARGV[6] idempotency key ('' for none)   ARGV[7] max attempts per user per second (0 = off)
 -- Returns {'ok', created_ms, expires_ms}, {'replay', earlier rid}
@@ -71,6 +72,7 @@ if ARGV[6] ~= '' then
   -- Kept as long as the sale's data: a key can never make a second reservation in one sale.
   redis.call('SET', KEYS[7], ARGV[1] .. '|' .. ARGV[5])
 end
+redis.call('ZADD', KEYS[9], now, ARGV[1])
 redis.call('XADD', KEYS[6], '*', 'type', 'reserve', 'rid', ARGV[1], 'sku', ARGV[3],
   'user', ARGV[2], 'qty', qty, 'status', 'held', 'created_ms', now, 'expires_ms', expires,
   'idem', ARGV[6], 'at_ms', now)

@@ -4,27 +4,30 @@
 -- KEYS[3..] one item hash per sku, in the order of the skus in ARGV
 -- ARGV[1] sale id   ARGV[2] starts_ms   ARGV[3] ends_ms   ARGV[4] hold_ms
 -- ARGV[5] sale document (JSON, names and prices)   ARGV[6] consumer group name
--- ARGV[7..] per item, three values: sku, stock, per_user_limit
--- Returns {'ok'} or {'err', 'already_exists'}.
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'err', 'already_exists'}
+-- ARGV[7] the state it starts in: 'active' (a new sale) or 'paused' (flashsale recover, which
+--         restores the holds before it lets the sale sell)
+-- ARGV[8..] per item, three values: sku, stock, per_user_limit
+-- Returns {'ok'} or {'err', 'already_exists'}: also when only some of its keys are left (a
+-- partial loss), which must never be overwritten with fresh counters.
+for k = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then return {'err', 'already_exists'} end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local skus = {}
-for i = 7, #ARGV, 3 do
-  local k = 3 + (i - 7) / 3
+for i = 8, #ARGV, 3 do
+  local k = 3 + (i - 8) / 3
   local stock = ARGV[i + 1]
   redis.call('HSET', KEYS[k], 'stock_total', stock, 'available', stock, 'held', 0,
     'confirmed', 0, 'cancelled', 0, 'expired', 0, 'reservations', 0, 'attempts', 0,
     'per_user_limit', ARGV[i + 2])
   skus[#skus + 1] = ARGV[i]
 end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'active', 'starts_ms', ARGV[2],
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', ARGV[7], 'starts_ms', ARGV[2],
   'ends_ms', ARGV[3], 'hold_ms', ARGV[4], 'doc', ARGV[5], 'skus', table.concat(skus, ','),
   'created_ms', now, 'rev', 1)
 -- The group starts at 0 so the persister sees this sale's very first event.
 redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[6], '0', 'MKSTREAM')
-redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', 'active',
+redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', ARGV[7],
   'doc', ARGV[5], 'at_ms', now)
 return {'ok'}

@@ -3,6 +3,7 @@ metrics and in the log (contract, "Scale")."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
@@ -55,6 +56,7 @@ async def test_the_audit_logs_a_drift_once_with_its_numbers_and_once_when_it_is_
     with caplog.at_level(logging.INFO, logger="flashsale.audit"):
         for _ in range(3):
             await auditor.audit(sale)
+            assert (await reserve(client, sale, f"u{_}")).status_code == 201  # the numbers move, the drift stays
         await redis.hincrby(keys.item(sale, "phone"), "held", 2)
         await auditor.audit(sale)
     await pool.close()
@@ -82,3 +84,21 @@ async def test_redis_against_postgres_is_compared_once_the_queue_is_empty_and_sh
     found = await auditor.audit(sale)
     assert found == ["postgres: phone held: redis 3, postgres 2"]
     assert (await progress(client, sale))["drift"] == found
+
+    await redis.hincrby(keys.item(sale, "phone"), "held", -1)  # put right: the drift goes
+    await redis.hincrby(keys.item(sale, "phone"), "available", 1)
+    assert await auditor.audit(sale) == []
+    assert (await progress(client, sale))["drift"] == []
+
+
+async def test_an_audit_that_fails_never_stops_the_persister(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, worker: Persister
+) -> None:
+    async def broken(sale_ids: object, owner: str) -> None:
+        raise RuntimeError("postgres says: the database system is starting up")
+
+    worker.auditor.run_once = broken  # type: ignore[method-assign]
+    await asyncio.sleep(1.5)  # a failed pass or two
+    sale = (await create_sale(client))["id"]
+    assert (await reserve(client, sale, "a")).status_code == 201
+    await drained(redis, keys, sale)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import httpx
 from redis.asyncio import Redis
@@ -150,3 +152,50 @@ async def test_a_paused_sale_comes_back_paused(
     await forget_sale(redis, keys, sale)
     await run_recover(redis, pg, settings, sale)
     assert (await reserve(client, sale, "a")).json()["error"]["code"] == "sale_paused"
+
+
+async def test_a_sale_loaded_again_sells_nothing_postgres_counts_as_taken_while_its_holds_come_back(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, settings: Settings, worker: Persister
+) -> None:
+    sale = (await create_sale(client, items=[phone(stock=2)]))["id"]
+    for user in ("a", "b"):
+        assert (await reserve(client, sale, user)).status_code == 201
+    await drained(redis, keys, sale)
+    await forget_sale(redis, keys, sale)
+    done = asyncio.Event()
+    won: list[int] = []
+
+    async def crowd(n: int) -> None:
+        i = 0
+        while not done.is_set():
+            i += 1
+            won.append((await reserve(client, sale, f"c{n}-{i}")).status_code)
+
+    crowding = [asyncio.create_task(crowd(n)) for n in range(6)]
+    await asyncio.sleep(0.05)
+    report = await run_recover(redis, pg, settings, sale)
+    for _ in range(5):  # the sale is live again: the crowd is told sold out
+        await asyncio.sleep(0.05)
+    done.set()
+    await asyncio.gather(*crowding)
+
+    assert not report.oversold and 201 not in won
+    counts = await item(client, sale)
+    assert (counts["available"], counts["held"]) == (0, 2)
+    assert (await client.get(f"/v1/sales/{sale}")).json()["status"] == "live"
+
+
+async def test_a_partial_loss_is_refused_with_what_to_do_and_changes_nothing(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, settings: Settings, worker: Persister
+) -> None:
+    sale = (await create_sale(client, items=[phone(stock=2)]))["id"]
+    assert (await reserve(client, sale, "a", qty=2)).status_code == 201
+    await drained(redis, keys, sale)
+    await redis.unlink(keys.sale(sale))  # only the sale hash lost
+    before = await redis.hgetall(keys.item(sale, "phone"))
+
+    report = await run_recover(redis, pg, settings, sale)
+
+    assert "partial loss" in report.problems[0] and not report.sale_reloaded
+    assert await redis.hgetall(keys.item(sale, "phone")) == before
+    assert not await redis.exists(keys.sale(sale))

@@ -8,10 +8,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .errors import ApiError
 from .sales import Sales
-from .schemas import DIGITS, RestockIn, SalePatch
-from .web import authorize, body, json, slug
+from .schemas import RestockIn, SalePatch
+from .web import authorize, body, json, limit, slug
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -22,18 +21,9 @@ def _sales(request: Request) -> Sales:
     return authorize(request, "ops").sales
 
 
-def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError("invalid_request", f"limit must be a whole number from 1 to {MAX_LIMIT}", fields=["limit"])
-    return int(raw)
-
-
 async def list_sales(request: Request) -> Response:
     sales = _sales(request)
-    return json(await sales.page(_limit(request), request.query_params.get("cursor") or None))
+    return json(await sales.page(limit(request, DEFAULT_LIMIT, MAX_LIMIT), request.query_params.get("cursor") or None))
 
 
 async def update_sale(request: Request) -> Response:

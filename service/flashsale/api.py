@@ -22,12 +22,12 @@ from .keys import Keys
 from .middleware import Edge
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import CancelIn, ConfirmIn, Health, SaleIn
+from .schemas import CancelIn, ConfirmIn, Health, ReservationList, SaleIn
 from .scripts import Scripts
 from .settings import Settings
 from .tally import Tally
 from .verdicts import Verdicts
-from .web import Services, authorize, body, json, services, user_id
+from .web import Services, authorize, body, json, limit, services, slug, user_id
 
 log = logging.getLogger("flashsale.api")
 
@@ -36,6 +36,13 @@ async def create_sale(request: Request) -> Response:
     svc = authorize(request, "ops")
     sale = await svc.sales.create(await body(request, SaleIn))
     return json(sale, 201)
+
+
+async def user_reservations(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    sale_id, user = slug(request, "sale_id"), user_id(request)
+    found = await svc.reservations.of_user(sale_id, user, limit(request, 20, 100))
+    return json(ReservationList(reservations=found))
 
 
 async def get_reservation(request: Request) -> Response:
@@ -85,6 +92,7 @@ ROUTES: list[BaseRoute] = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/v1/sales", create_sale, methods=["POST"]),
+    Route("/v1/sales/{sale_id}/reservations", user_reservations, methods=["GET"]),
     Route("/v1/reservations/{rid}", get_reservation, methods=["GET"]),
     Route("/v1/reservations/{rid}/confirm", confirm, methods=["POST"]),
     Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),

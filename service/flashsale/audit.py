@@ -18,6 +18,7 @@ Each difference found is logged once, with its numbers, when it appears (and onc
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class Auditor:
     keys: Keys
     postgres_every_s: float = POSTGRES_EVERY_S
     _last_postgres: dict[str, tuple[float, list[list[str | None]]]] = field(default_factory=dict)
-    _logged: dict[str, list[str]] = field(default_factory=dict)
+    _logged: dict[str, list[str]] = field(default_factory=dict)  # sale id -> what was last logged
 
     async def run_once(self, sale_ids: Sequence[str], owner: str) -> None:
         """One pass over ``sale_ids``, unless another persister holds the audit lock (it only
@@ -94,8 +95,10 @@ class Auditor:
         last_at, last_counters = self._last_postgres.get(sale_id, (0.0, []))
         previous = msgspec.json.decode(await self.redis.hget(self.keys.sale(sale_id), "audit") or "[]")
         kept = [d for d in previous if d.startswith("postgres: ")]
-        if counters == last_counters or time.monotonic() - last_at < self.postgres_every_s:
-            return kept  # nothing moved since the last comparison, or too soon: the last answer stands
+        if time.monotonic() - last_at < self.postgres_every_s:
+            return kept  # too soon: the last answer stands
+        if counters == last_counters and not kept:
+            return kept  # agreed, and nothing moved in Redis since (a drift is looked at again: ops may fix it)
         if (await backlog(self.redis, self.keys, sale_id)).events:
             return kept  # Postgres trails Redis by design until the queue is empty
         async with self.pool.acquire() as conn:
@@ -106,10 +109,11 @@ class Auditor:
         return [f"postgres: {d}" for d in report.differences]
 
     def _log(self, sale_id: str, found: list[str]) -> None:
-        before = self._logged.get(sale_id, [])
-        if found == before:
+        # Said again only when what is wrong changes, not when the live numbers around it move.
+        seen = [re.sub(r"^(\S+): available .*\(drift", r"\1 (drift", d) for d in found]
+        if seen == self._logged.get(sale_id, []):
             return
-        self._logged[sale_id] = found
+        self._logged[sale_id] = seen
         if found:
             log.warning("audit: %s", "; ".join(found), extra={"sale_id": sale_id, "drift": found})
         else:

@@ -104,6 +104,11 @@ class Keys:
         # The user's length goes first so that ("a:b", "c") and ("a", "b:c") never collide.
         return f"{self._sale(sale_id)}:idem:{len(user_id)}:{user_id}:{key}"
 
+    # ZSET: rid -> created ms of every reservation one user made in the sale, for the user's
+    # list (GET /v1/sales/{id}/reservations?user_id=). Lives with the sale.
+    def user_reservations(self, sale_id: str, user_id: str) -> str:
+        return f"{self._sale(sale_id)}:mine:{len(user_id)}:{user_id}"
+
     # STRING counter, PX 1 s: attempts of one user on one sale in the current second.
     def rate(self, sale_id: str, user_id: str) -> str:
         return f"{self._sale(sale_id)}:rate:{user_id}"

@@ -15,6 +15,7 @@ from .schemas import (
     Health,
     ItemOut,
     Reservation,
+    ReservationList,
     ReserveIn,
     RestockIn,
     SaleIn,
@@ -71,6 +72,13 @@ USER_QUERY = {
     "in": "query",
     "required": True,
     "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
+}
+LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "description": "at most this many, newest first",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
 }
 IDEMPOTENCY = {
     "name": "Idempotency-Key",
@@ -230,6 +238,7 @@ def document() -> bytes:
         ConfirmIn,
         CancelIn,
         Reservation,
+        ReservationList,
         Error,
         Health,
         SalePatch,
@@ -274,6 +283,11 @@ def document() -> bytes:
             "post": _op("Release the units back to stock", ok={200: Reservation}, body=CancelIn, params=[RID])
         },
     }
+    paths["/v1/sales/{sale_id}/reservations"]["get"] = _op(
+        "A user's reservations in the sale, newest first (every status)",
+        ok={200: ReservationList},
+        params=[SALE_ID, USER_QUERY, LIMIT],
+    )
     for extra in (_admin_paths(), _monitor_paths()):  # merged per path: GET /v1/sales joins its POST
         for path, operations in extra.items():
             paths.setdefault(path, {}).update(operations)

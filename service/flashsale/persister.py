@@ -11,6 +11,7 @@ retried with backoff and the backlog simply waits in Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -208,17 +209,35 @@ class Persister:
                 self._until.pop(sale_id, None)
                 self._streams.pop(self.keys.events(sale_id), None)
 
+    async def audit(self, stop: asyncio.Event) -> None:
+        """The live audit, beside the persisting and never in its way: a pass that fails (Redis or
+        Postgres down, a bug) is logged and the next one comes a second later."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            try:
+                await self.auditor.run_once(list(self._until), self.name)
+            except Exception as exc:
+                log.warning("audit pass failed, trying again in a second: %r", exc)
+
     async def run(self, stop: asyncio.Event) -> None:
         log.info("persister started", extra={"consumer": self.name})
+        auditing = asyncio.create_task(self.audit(stop), name="audit")
         backoff = 0.1
-        while not stop.is_set():
-            try:
-                await self.step(stop)
-                backoff = 0.1
-            except connection.ERRORS as exc:
-                log.warning("redis unreachable, retrying in %.1fs: %s", backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.step(stop)
+                    backoff = 0.1
+                except connection.ERRORS as exc:
+                    log.warning("redis unreachable, retrying in %.1fs: %s", backoff, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            if not stop.is_set():  # leaving on an error: the audit goes with it
+                auditing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await auditing
         await self.redis.zrem(self.keys.workers, self.name)
         log.info("persister stopped", extra={"consumer": self.name, "written": self.written})
 
@@ -228,7 +247,6 @@ class Persister:
         if time.monotonic() - self._retired_at > 1.0:
             self._retired_at = time.monotonic()
             await self.retire()
-            await self.auditor.run_once(list(self._until), self.name)
         if not streams:
             await asyncio.sleep(self.settings.persist_block_ms / 1000)
             return

@@ -9,15 +9,19 @@ under load in BENCHMARKS.md).
 
 What recover does, in this order:
 
-1. If Redis has no sale hash, the sale is loaded again from its Postgres rows (window, hold
-   length, items with their stock and limits), with every unit available, then paused or ended as
-   Postgres says.
+1. If Redis has none of the sale's keys, the sale is loaded again from its Postgres rows (window,
+   hold length, items with their stock and limits), paused, with every unit available. (If the
+   sale hash is gone but other keys of the sale are left, recover changes nothing and says what
+   to do: loading it again would reset those keys' counters.)
 2. Every reservation Postgres has is put back through ``lua/recover_hold.lua``, one atomic call
    each: one Redis lost entirely comes back with its status, its expiry (a hold comes back into
    the sweeper's due-time index), its units in the item's counters and the user's count, and its
    idempotency key; one Redis still has as held while Postgres has its final status gets that
    status. One Redis knows as well or better (Postgres trails Redis) is left alone, and so is
    every reservation only Redis has: the persister has still to write it.
+
+3. A sale loaded again is then resumed, or ended, as Postgres has it: nobody could reserve a unit
+   Postgres counts as taken while the holds were being put back.
 
 Each call is atomic and moves the counters as reserve and settle do, so recover may run while
 the sale takes traffic, and running it twice changes nothing the second time. What it cannot
@@ -89,10 +93,19 @@ async def recover(
         report.problems.append(f"no sale {sale_id!r} in Postgres: nothing to recover from")
         return report
     items = await conn.fetch("SELECT * FROM items WHERE sale_id = $1 ORDER BY sku", sale_id)
+    sales = Sales(redis, keys, scripts)
     if not await redis.exists(keys.sale(sale_id)):
-        await _reload(Sales(redis, keys, scripts), sale, items)
+        left = [k async for k in redis.scan_iter(match=keys.sale_pattern(sale_id), count=1000)]
+        if left:
+            report.problems.append(
+                f"the sale's hash is gone but {len(left)} of its keys are left (a partial loss): loading it again"
+                " would reset their counters. Let the persister drain its stream, delete the sale's keys"
+                f" ({keys.sale_pattern(sale_id)}), then run recover again"
+            )
+            return report
+        await sales.load(_document(sale, items), state="paused")  # sells nothing until its holds are back
         report.sale_reloaded = True
-        say(f"sale {sale_id} loaded again from Postgres, state {sale['state']}")
+        say(f"sale {sale_id} loaded again from Postgres, paused while its reservations are restored")
     total = await conn.fetchval("SELECT count(*) FROM reservations WHERE sale_id = $1", sale_id)
     done = 0
     async with conn.transaction():  # a cursor needs one; it only reads
@@ -106,6 +119,10 @@ async def recover(
                 say(f"  {done:,} / {total:,} reservations")
                 batch = []
         report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
+    if report.sale_reloaded and sale["state"] == "active":
+        await sales.resume(sale_id)
+    elif report.sale_reloaded and sale["state"] == "ended":
+        await sales.end(sale_id)
     for item in items:
         available = int(await redis.hget(keys.item(sale_id, item["sku"]), "available") or 0)
         if available < 0:
@@ -113,8 +130,9 @@ async def recover(
     return report
 
 
-async def _reload(sales: Sales, sale: asyncpg.Record, items: list[asyncpg.Record]) -> None:
-    doc = SaleIn(
+def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleIn:
+    """The sale as it was created, its stock as Postgres last knew it (restocks included)."""
+    return SaleIn(
         id=sale["id"],
         name=sale["name"],
         starts_at=sale["starts_at"],
@@ -131,11 +149,6 @@ async def _reload(sales: Sales, sale: asyncpg.Record, items: list[asyncpg.Record
             for i in items
         ],
     )
-    await sales.load(doc)
-    if sale["state"] == "paused":
-        await sales.pause(doc.id)
-    elif sale["state"] == "ended":
-        await sales.end(doc.id)
 
 
 async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[asyncpg.Record]) -> list[str]:
@@ -152,6 +165,7 @@ async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[async
                     keys.holds(sale_id, r["sku"]),
                     keys.reservation(sale_id, r["id"]),
                     keys.idempotency(sale_id, r["user_id"], idem),
+                    keys.user_reservations(sale_id, r["user_id"]),
                 ],
                 args=[
                     r["id"],

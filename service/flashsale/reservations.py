@@ -135,6 +135,7 @@ class Reservations:
                 k.events(sale_id),
                 k.idempotency(sale_id, user_id, idem),
                 k.rate(sale_id, user_id),
+                k.user_reservations(sale_id, user_id),
             ],
             args=[rid, user_id, sku, quantity, f"{sku}:{quantity}", idem, self.settings.user_rate_per_s],
         )
@@ -151,6 +152,15 @@ class Reservations:
     async def _used(self, sale_id: str, user_id: str, idempotency_key: str) -> bool:
         """Whether the key made a reservation already: then only the script can answer (a replay)."""
         return bool(await self.scripts.calls.call("EXISTS", self.keys.idempotency(sale_id, user_id, idempotency_key)))
+
+    async def of_user(self, sale_id: str, user_id: str, limit: int) -> list[Reservation]:
+        """The user's reservations in the sale, newest first, at most ``limit``."""
+        rids = cast(list[str], await self.redis.zrevrange(self.keys.user_reservations(sale_id, user_id), 0, limit - 1))
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.hmget(self.keys.reservation(sale_id, rid), FIELDS)
+        now = now_ms()
+        return [to_reservation(sale_id, values, now) for values in await pipe.execute() if values[0] is not None]
 
     async def get(self, rid: str, user_id: str) -> Reservation:
         sale_id = sale_of(rid)

@@ -113,9 +113,9 @@ class Sales:
         await self.load(sale)
         return await self.view(sale.id)
 
-    async def load(self, sale: SaleIn) -> None:
-        """The sale into Redis as new (lua/sale_create.lua): listed, active, every unit available.
-        ``already_exists`` if Redis has it."""
+    async def load(self, sale: SaleIn, state: Literal["active", "paused"] = "active") -> None:
+        """The sale into Redis as new (lua/sale_create.lua): listed, in ``state``, every unit
+        available. ``already_exists`` if Redis has any of its keys."""
         k = self.keys
         # Listed first: a crash after the script leaves a listed sale, never an unlisted one
         # whose events nobody drains.
@@ -130,6 +130,7 @@ class Sales:
             sale.hold_seconds * 1000,
             msgspec.json.encode(sale).decode(),
             GROUP,
+            state,
         ]
         for item in sale.items:
             args += [item.sku, item.stock, item.per_user_limit]

@@ -88,6 +88,12 @@ class Reservation(Struct, omit_defaults=True):
     payment_ref: str | None = None
 
 
+class ReservationList(Struct):
+    """A user's reservations in a sale, newest first."""
+
+    reservations: list[Reservation]
+
+
 class ItemOut(Struct, omit_defaults=True):
     sku: str
     name: str

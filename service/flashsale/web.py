@@ -19,7 +19,7 @@ from .connection import Client
 from .errors import ApiError
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import SLUG, encoder
+from .schemas import DIGITS, SLUG, encoder
 from .settings import Settings
 
 T = TypeVar("T")
@@ -115,3 +115,13 @@ def user_id(request: Request) -> str:
     if not USER_ID.match(value):
         raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)", fields=["user_id"])
     return value
+
+
+def limit(request: Request, default: int, maximum: int) -> int:
+    """The ``limit`` query parameter: a whole number from 1 to ``maximum``, ``default`` if left out."""
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not DIGITS.fullmatch(raw) or not 1 <= int(raw) <= maximum:
+        raise ApiError("invalid_request", f"limit must be a whole number from 1 to {maximum}", fields=["limit"])
+    return int(raw)
