@@ -179,17 +179,26 @@ async def client(app_url: str) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.fixture
-async def worker(settings: Settings, redis: Redis) -> AsyncIterator[Persister]:
-    """A persister running in this process, stopped at the end of the test."""
+@contextlib.asynccontextmanager
+async def persisting(settings: Settings, redis: Any) -> AsyncIterator[Persister]:
+    """A persister running in this process (on ``redis``, a plain or a cluster client) until the block ends."""
     pool = await db.create_pool(settings.database_url, 2)
     persister = Persister(redis, pool, Keys(settings.key_prefix), settings)
     stop = asyncio.Event()
     task = asyncio.create_task(persister.run(stop))
-    yield persister
-    stop.set()
-    await task
-    await pool.close()
+    try:
+        yield persister
+    finally:
+        stop.set()
+        await task
+        await pool.close()
+
+
+@pytest.fixture
+async def worker(settings: Settings, redis: Redis) -> AsyncIterator[Persister]:
+    """A persister running in this process, stopped at the end of the test."""
+    async with persisting(settings, redis) as persister:
+        yield persister
 
 
 def sale_body(sale_id: str | None = None, **overrides: Any) -> dict[str, Any]:

@@ -10,9 +10,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,8 +20,8 @@ import httpx
 import pytest
 from redis.asyncio import RedisCluster
 
-from flashsale import connection, db
-from flashsale.embedded import EmbeddedCluster, free_port
+from flashsale import connection
+from flashsale.embedded import EmbeddedCluster
 from flashsale.keys import Keys
 from flashsale.persister import Persister
 from flashsale.reconcile import reconcile
@@ -33,9 +30,9 @@ from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 
 from . import procs
-from .conftest import OPS, STORE, create_sale, drained, serving
-from .test_dev import readme_block
-from .test_faults import crowd
+from .conftest import OPS, STORE, create_sale, drained, persisting, serving
+from .test_dev import run_readme_block, start_dev
+from .test_faults import crowd, slow_inserts
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
 
@@ -69,14 +66,8 @@ async def cluster_client(on_cluster: Settings, cluster_redis: Any) -> AsyncItera
 
 @pytest.fixture
 async def cluster_worker(on_cluster: Settings, cluster_redis: Any) -> AsyncIterator[Persister]:
-    pool = await db.create_pool(on_cluster.database_url, 2)
-    persister = Persister(cluster_redis, pool, Keys(on_cluster.key_prefix), on_cluster)
-    stop = asyncio.Event()
-    task = asyncio.create_task(persister.run(stop))
-    yield persister
-    stop.set()
-    await task
-    await pool.close()
+    async with persisting(on_cluster, cluster_redis) as persister:
+        yield persister
 
 
 async def reserve(c: httpx.AsyncClient, sale: str, user: str, sku: str = "phone", key: str = "") -> httpx.Response:
@@ -246,10 +237,7 @@ async def test_a_persister_killed_mid_batch_on_a_cluster_loses_nothing_and_doubl
     n = 600
     sales = [(await create_sale(cluster_client, items=[item(stock=n)]))["id"] for _ in range(3)]
     rids = {s: await crowd(cluster_client, s, n) for s in sales}
-    await pg.execute("""
-        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
-        CREATE TRIGGER slow BEFORE INSERT ON reservations FOR EACH ROW EXECUTE FUNCTION slow();""")
+    await slow_inserts(pg)
     count = "SELECT count(*) FROM reservations"
     with procs.worker(on_cluster, FLASHSALE_PERSIST_BATCH="100") as first:
         while await pg.fetchval(count) < 100:
@@ -269,28 +257,11 @@ async def test_a_persister_killed_mid_batch_on_a_cluster_loses_nothing_and_doubl
 def test_the_readme_try_it_block_runs_against_flashsale_dev_on_a_cluster(
     cluster: EmbeddedCluster, tmp_path: Path
 ) -> None:
-    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
-    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "REDIS_URL": cluster.url}
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "flashsale", "dev", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    dev = start_dev(tmp_path, env)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / ".flashsale-dev.env").exists():
-            assert dev.poll() is None, "flashsale dev exited during start-up"
-            assert time.monotonic() < deadline, "flashsale dev did not come up in 60 s"
-            time.sleep(0.2)
-        run = subprocess.run(
-            ["bash", "-e", "-c", readme_block()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert '"status":"confirmed"' in run.stdout and "no differences" in run.stdout
+        out = run_readme_block(tmp_path, env)
+        assert '"status":"confirmed"' in out and "no differences" in out
     finally:
         os.killpg(dev.pid, signal.SIGINT)
-        dev.wait(30)
+        dev.communicate(timeout=30)

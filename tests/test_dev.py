@@ -24,36 +24,46 @@ def readme_block() -> str:
     return match.group(1)
 
 
-def test_dev_runs_the_readme_examples_and_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+def start_dev(folder: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`flashsale dev` in ``folder`` (with a .venv there, as after `make run`), once it is up."""
+    (folder / ".venv").symlink_to(Path(sys.executable).parent.parent)
     dev = subprocess.Popen(
-        [sys.executable, "-m", "flashsale", "dev", "--port", str(port)],
-        cwd=tmp_path,
+        [sys.executable, "-m", "flashsale", "dev", "--port", str(free_port())],
+        cwd=folder,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    deadline = time.monotonic() + 60
+    while not (folder / ".flashsale-dev.env").exists():
+        if dev.poll() is not None or time.monotonic() > deadline:
+            os.killpg(dev.pid, signal.SIGINT)
+            raise AssertionError("flashsale dev did not come up in 60 s")
+        time.sleep(0.2)
+    return dev
+
+
+def run_readme_block(folder: Path, env: dict[str, str]) -> str:
+    run = subprocess.run(
+        ["bash", "-e", "-c", readme_block()], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_dev_runs_the_readme_examples_and_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    dev = start_dev(tmp_path, env)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / ".flashsale-dev.env").exists():
-            assert dev.poll() is None, "flashsale dev exited during start-up"
-            assert time.monotonic() < deadline, "flashsale dev did not come up in 60 s"
-            time.sleep(0.2)
         descendants = psutil.Process(dev.pid).children(recursive=True)
         data_dir = re.search(r"host=(\S+?)'", (tmp_path / ".flashsale-dev.env").read_text())
         assert data_dir, "DATABASE_URL of the embedded Postgres not in .flashsale-dev.env"
         # Postgres is started by pg_ctl and is not our child: find it by its data directory.
         pg = [p for p in psutil.process_iter(["cmdline"]) if data_dir.group(1) in " ".join(p.info["cmdline"] or [])]
         assert pg, "the embedded Postgres is not running"
-        run = subprocess.run(
-            ["bash", "-e", "-c", readme_block()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        out = run.stdout
+        out = run_readme_block(tmp_path, env)
         assert '"status":"confirmed"' in out and '"status":"released"' in out and "no differences" in out
         assert out.count('"reservation_id"') >= 4
     finally:

@@ -14,16 +14,15 @@ import asyncpg
 import httpx
 import pytest
 
-from flashsale import connection, db
+from flashsale import connection
 from flashsale.embedded import EmbeddedCluster
 from flashsale.keys import Keys
-from flashsale.persister import Persister
 from flashsale.reconcile import reconcile
 from flashsale.recover import recover
 from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 
-from .conftest import OPS, STORE, create_sale, drained, serving
+from .conftest import OPS, STORE, create_sale, drained, persisting, serving
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
 
@@ -50,11 +49,11 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
 ) -> None:
     on_cluster = dataclasses.replace(settings, redis_url=replicated.url)
     keys = Keys(on_cluster.key_prefix)
-    pool = await db.create_pool(on_cluster.database_url, 2)
-    persister = Persister(cluster_redis, pool, keys, on_cluster)
-    stop_persister = asyncio.Event()
-    persisting = asyncio.create_task(persister.run(stop_persister))
-    async with serving(on_cluster) as url, httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c:
+    async with (
+        persisting(on_cluster, cluster_redis),
+        serving(on_cluster) as url,
+        httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c,
+    ):
         item = {"sku": "phone", "name": "Phone", "price_cents": 100, "stock": STOCK, "per_user_limit": 1}
         sale = (await create_sale(c, items=[item]))["id"]
         owner = cluster_redis.get_node_from_key(keys.sale(sale))
@@ -128,9 +127,6 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
         assert all(await pipe.execute()), "a persisted hold is missing from Redis after recover"
         await drained(cluster_redis, keys, sale, timeout=30)
         assert not (await reconcile(cluster_redis, pg, keys, sale)).differences
-    stop_persister.set()
-    await persisting
-    await pool.close()
 
 
 async def test_the_changes_channel_is_heard_again_after_its_node_fails_over(

@@ -45,6 +45,14 @@ async def crowd(c: httpx.AsyncClient, sale_id: str, n: int, offset: int = 0) -> 
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
+async def slow_inserts(pg: asyncpg.Connection) -> None:
+    """A trigger slows every insert, so that a kill lands while a batch is being written."""
+    await pg.execute("""
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON reservations FOR EACH ROW EXECUTE FUNCTION slow();""")
+
+
 async def test_persister_killed_mid_batch_loses_nothing_and_doubles_nothing(
     client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: Keys, pg: asyncpg.Connection
 ) -> None:
@@ -52,11 +60,7 @@ async def test_persister_killed_mid_batch_loses_nothing_and_doubles_nothing(
         client, items=[{"sku": "phone", "name": "P", "price_cents": 1, "stock": N, "per_user_limit": 1}]
     )
     rids = await crowd(client, sale["id"], N)
-    # A trigger slows every insert so the kill lands while a batch is being written.
-    await pg.execute("""
-        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
-        CREATE TRIGGER slow BEFORE INSERT ON reservations FOR EACH ROW EXECUTE FUNCTION slow();""")
+    await slow_inserts(pg)
     count = "SELECT count(*) FROM reservations WHERE sale_id = $1"
     with procs.worker(settings, FLASHSALE_PERSIST_BATCH="200") as first:
         while await pg.fetchval(count, sale["id"]) < 200:

@@ -22,10 +22,17 @@ from typing import Any
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on loopback now: held open together while the OS picks them, so
+    that it cannot hand out one twice (one at a time, the same port can come back at once)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @dataclass
@@ -115,8 +122,7 @@ class EmbeddedCluster:
         buses: list[int] = []
         try:
             for _ in range(self.masters * (1 + self.replicas)):
-                buses.append(free_port())  # a bus port of its own: the default, port + 10000, may pass 65535
-                self.nodes.append(EmbeddedRedis(options=(*options, "--cluster-port", str(buses[-1]))).start())
+                self.nodes.append(self._node(options, buses))
             clients: list[Any] = [redis.Redis(port=n.port, decode_responses=True) for n in self.nodes]
             for i, c in enumerate(clients[: self.masters]):
                 c.execute_command(
@@ -137,6 +143,22 @@ class EmbeddedCluster:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _node(options: tuple[str, ...], buses: list[int], tries: int = 3) -> EmbeddedRedis:
+        """One node on a port and a bus port of its own (the default bus port, port + 10000, may
+        pass 65535); ports another process took meanwhile make it try others."""
+        for attempt in range(tries):
+            port, bus = free_ports(2)
+            try:
+                node = EmbeddedRedis(port=port, options=(*options, "--cluster-port", str(bus))).start()
+            except RuntimeError:
+                if attempt == tries - 1:
+                    raise
+                continue
+            buses.append(bus)
+            return node
+        raise AssertionError("unreachable")
 
     def _complete(self, client: Any) -> bool:
         """Whether this node sees every slot served, by a master and all its replicas."""

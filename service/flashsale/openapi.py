@@ -73,13 +73,14 @@ USER_QUERY = {
     "required": True,
     "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
 }
-LIMIT = {
-    "name": "limit",
-    "in": "query",
-    "required": False,
-    "description": "at most this many, newest first",
-    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-}
+
+
+def _limit(description: str, default: int, maximum: int) -> dict[str, Any]:
+    schema = {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}
+    return {"name": "limit", "in": "query", "required": False, "description": description, "schema": schema}
+
+
+LIMIT = _limit("at most this many, newest first", 20, 100)
 IDEMPOTENCY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -93,13 +94,7 @@ IDEMPOTENCY = {
 def _admin_paths() -> dict[str, Any]:
     """Paths of admin.ROUTES."""
     sku = _path("sku", "^[A-Za-z0-9_-]{1,64}$")
-    limit = {
-        "name": "limit",
-        "in": "query",
-        "required": False,
-        "description": "sales per page",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
-    }
+    limit = _limit("sales per page", 50, 200)
     cursor = {
         "name": "cursor",
         "in": "query",
