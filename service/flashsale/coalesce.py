@@ -11,13 +11,16 @@ reply or its own error: a script's error fails that call only. A script Redis do
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from .connection import Client
+from .connection import ERRORS, Client
 
+log = logging.getLogger("flashsale.redis")
 Args = Sequence[str | int | float | bytes]
 
 
@@ -90,7 +93,17 @@ class Coalescer:
             pipe.execute_command(*args)
         self.round_trips += 1
         self.commands += len(commands)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except ERRORS:
+            raise
+        except Exception as exc:
+            # redis-py's cluster pipeline, retrying after a node failed, closes the client's
+            # connections under the other pipelines in flight; theirs then fail inside the library
+            # (AttributeError on a writer gone). A call that failed on a closing connection: told
+            # to its callers as such (503, Retry-After), the library's own error kept in the log.
+            log.warning("the redis client failed mid-call, answering it as a lost connection: %r", exc)
+            raise RedisConnectionError(f"the redis client failed mid-call: {exc!r}") from exc
         return replies
 
     async def close(self) -> None:
