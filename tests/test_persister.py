@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -15,34 +13,18 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from flashsale import db
 from flashsale.keys import GROUP, Keys
 from flashsale.persister import POISON, Persister, write
 from flashsale.reconcile import reconcile
 from flashsale.settings import Settings
 
-from .conftest import OPS, create_sale, drained
+from .conftest import OPS, create_sale, drained, persisting
 from .test_reservations import reserve
 
 
 async def rows(pg: asyncpg.Connection, sale_id: str) -> dict[str, str]:
     found = await pg.fetch("SELECT id, status FROM reservations WHERE sale_id = $1", sale_id)
     return {r["id"]: r["status"] for r in found}
-
-
-@contextlib.asynccontextmanager
-async def persisting(redis: Redis, keys: Keys, settings: Settings) -> AsyncIterator[Persister]:
-    """A persister of this test's own, with these settings; stopped and its pool closed after."""
-    pool = await db.create_pool(settings.database_url, 2)
-    persister = Persister(redis, pool, keys, settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(persister.run(stop))
-    try:
-        yield persister
-    finally:
-        stop.set()
-        await task
-        await pool.close()
 
 
 async def entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
@@ -178,7 +160,7 @@ async def test_an_entry_postgres_keeps_refusing_is_dead_lettered_after_max_deliv
         keys.events(sale["id"]), {**cast(dict[Any, Any], reserved[1]), "rid": f"{sale['id']}.bad", "user": "a\x00b"}
     )
     fast = dataclasses.replace(settings, max_deliveries=2, claim_idle_ms=200)
-    async with persisting(redis, keys, fast) as persister:
+    async with persisting(fast, redis) as persister:
         await drained(redis, keys, sale["id"])
     assert await rows(pg, sale["id"]) == {good: "held"}
     dead = await entries(redis, keys.dead(sale["id"]))
@@ -200,7 +182,7 @@ async def test_an_entry_delivered_many_times_without_a_refusal_is_still_persiste
         await redis.xautoclaim(stream, GROUP, f"crashed-{n}", 0, "0-0")
     pending = await redis.xpending_range(stream, GROUP, "-", "+", 10)
     assert min(int(p["times_delivered"]) for p in pending) > settings.max_deliveries
-    async with persisting(redis, keys, dataclasses.replace(settings, claim_idle_ms=100)):
+    async with persisting(dataclasses.replace(settings, claim_idle_ms=100), redis):
         await drained(redis, keys, sale["id"])
     assert await rows(pg, sale["id"]) == {rid: "held"}
     assert await redis.xlen(keys.dead(sale["id"])) == 0
@@ -214,7 +196,7 @@ async def test_entries_left_pending_by_a_dead_consumer_are_claimed(
     # A consumer reads everything and dies before its XACK.
     await redis.xreadgroup(GROUP, "ghost", {keys.events(sale["id"]): ">"}, count=100)
     assert (await redis.xpending(keys.events(sale["id"]), GROUP))["pending"] == 3
-    async with persisting(redis, keys, settings):
+    async with persisting(settings, redis):
         await drained(redis, keys, sale["id"])
     assert await rows(pg, sale["id"]) == dict.fromkeys(rids, "held")
 
