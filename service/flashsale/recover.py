@@ -37,25 +37,21 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import asyncpg
 
 from .connection import Client
 from .keys import Keys
-from .sales import Sales
+from .sales import Sales, ms
 from .schemas import ItemIn, SaleIn
 from .scripts import Scripts
 
 BATCH = 500  # reservations put back per round of calls
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _ms(at: datetime | None) -> str:
-    """Unix ms, exactly (no float in between: 1733000000.123 * 1000 is ...122.99)."""
-    return "" if at is None else str((at - EPOCH) // timedelta(milliseconds=1))
+    return "" if at is None else str(ms(at))
 
 
 @dataclass

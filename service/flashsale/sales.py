@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import msgspec
@@ -42,8 +42,12 @@ UPDATE_REFUSED = {
 }
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
+    """Unix ms, exactly (no float in between: 1733000000.123 * 1000 is ...122.99)."""
+    return (at - EPOCH) // timedelta(milliseconds=1)
 
 
 def instant(at_ms: int | str) -> datetime:
