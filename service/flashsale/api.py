@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Match, Route
 from . import admin, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper
 from .auth import KeyRing
 from .coalesce import Coalescer
-from .errors import ApiError
+from .errors import ApiError, store_unavailable
 from .keys import Keys
 from .middleware import Edge
 from .reservations import Reservations
@@ -128,8 +128,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_redis_error(request: Request, exc: Exception) -> Response:
-    log.warning("redis unavailable: %r", exc)
-    return ApiError("unavailable", retry_after=1).response()
+    return store_unavailable(exc).response()
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from starlette.responses import Response
@@ -40,6 +41,9 @@ MESSAGES: dict[str, str] = {
     "rate_limited": "too many attempts; slow down and retry after the given seconds",
     "unavailable": "the service is busy or its store is unreachable; retry after the given seconds",
 }
+
+
+log = logging.getLogger("flashsale.api")
 
 
 class ApiError(Exception):
@@ -83,3 +87,10 @@ class ApiError(Exception):
         response = Response(body, status, media_type="application/json")
         response.raw_headers += extra
         return response
+
+
+def store_unavailable(exc: Exception) -> ApiError:
+    """The answer to a call Redis could not take (down, failing over, a lost connection): 503
+    with Retry-After, the cause in the log."""
+    log.warning("redis unavailable: %r", exc)
+    return ApiError("unavailable", retry_after=1)

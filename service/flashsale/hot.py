@@ -10,7 +10,6 @@ straight, past the router and the exception middleware.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable, Callable
 
@@ -18,11 +17,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import connection, metrics
-from .errors import ApiError
+from .errors import ApiError, store_unavailable
 from .schemas import ReserveIn, encoder
 from .web import Disconnected, Services, decode, read, valid_slug
 
-log = logging.getLogger("flashsale.api")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
 JSON = (b"content-type", b"application/json")
 
@@ -51,8 +49,7 @@ class Endpoint:
         except ApiError as exc:
             status, body, extra = exc.answer()
         except connection.ERRORS as exc:
-            log.warning("redis unavailable: %r", exc)
-            status, body, extra = ApiError("unavailable", retry_after=1).answer()
+            status, body, extra = store_unavailable(exc).answer()
         except Disconnected:
             return
         start = [JSON, (b"content-length", b"%d" % len(body)), *extra]

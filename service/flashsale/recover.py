@@ -43,6 +43,7 @@ import asyncpg
 
 from .connection import Client
 from .keys import Keys
+from .reservations import fingerprint
 from .sales import Sales, ms
 from .schemas import ItemIn, SaleIn
 from .scripts import Scripts
@@ -174,7 +175,7 @@ async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[async
                     _ms(final),
                     r["payment_ref"] or "",
                     idem,
-                    f"{r['id']}|{r['sku']}:{r['quantity']}",
+                    f"{r['id']}|{fingerprint(r['sku'], r['quantity'])}",  # as reserve.lua writes it
                     keys.changes,
                     sale_id,
                 ],

@@ -36,6 +36,12 @@ def new_rid(sale_id: str) -> str:
     return f"{sale_id}.{secrets.token_urlsafe(16)}"
 
 
+def fingerprint(sku: str, quantity: int) -> str:
+    """What an Idempotency-Key remembers of its request besides the reservation: the same key
+    with another sku or quantity is an idempotency_conflict."""
+    return f"{sku}:{quantity}"
+
+
 def sale_of(rid: str) -> str:
     match = RID.match(rid)
     if match is None:
@@ -137,7 +143,7 @@ class Reservations:
                 k.rate(sale_id, user_id),
                 k.user_reservations(sale_id, user_id),
             ],
-            args=[rid, user_id, sku, quantity, f"{sku}:{quantity}", idem, self.settings.user_rate_per_s],
+            args=[rid, user_id, sku, quantity, fingerprint(sku, quantity), idem, self.settings.user_rate_per_s],
         )
         if result[0] == "ok":
             _, created, expires = result

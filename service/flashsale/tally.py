@@ -34,14 +34,14 @@ class Tally:
         if not counts:
             return
         if not isinstance(self.redis, RedisCluster):
-            await self._flush_sale(counts)  # one MULTI for all: one server, one round trip
+            await self._flush_counts(counts)  # one MULTI for all: one server, one round trip
             return
         by_sale: dict[str, Counter[tuple[str, str, str]]] = {}
         for (sale_id, sku, code), n in counts.items():
             by_sale.setdefault(sale_id, Counter())[(sale_id, sku, code)] = n
-        await asyncio.gather(*(self._flush_sale(c) for c in by_sale.values()))
+        await asyncio.gather(*(self._flush_counts(c) for c in by_sale.values()))
 
-    async def _flush_sale(self, counts: Counter[tuple[str, str, str]]) -> None:
+    async def _flush_counts(self, counts: Counter[tuple[str, str, str]]) -> None:
         pipe = self.redis.pipeline(transaction=True)  # all of them or none
         for (sale_id, sku, code), n in counts.items():
             item = self.keys.item(sale_id, sku)
