@@ -18,7 +18,6 @@ Each difference found is logged once, with its numbers, when it appears (and onc
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,14 +37,19 @@ POSTGRES_EVERY_S = 10.0  # a drained sale is compared with Postgres at most this
 LOCK_MS = 2000
 
 
+def drift(total: int, available: int, held: int, confirmed: int) -> int:
+    """Units made (+) or lost (-): every script moves units between the counters, none makes any."""
+    return available + held + confirmed - total
+
+
 def conservation(sku: str, total: int, available: int, held: int, confirmed: int) -> str | None:
     """The difference in one item's units, said with its numbers, or None when they add up."""
-    drift = available + held + confirmed - total
-    if drift == 0:
+    made = drift(total, available, held, confirmed)
+    if made == 0:
         return None
     return (
         f"{sku}: available {available} + held {held} + confirmed {confirmed} = {available + held + confirmed},"
-        f" stock_total {total} (drift {drift:+d})"
+        f" stock_total {total} (drift {made:+d})"
     )
 
 
@@ -73,16 +77,18 @@ class Auditor:
 
     async def audit(self, sale_id: str) -> list[str]:
         k = self.keys
-        raw = await self.redis.hget(k.sale(sale_id), "doc")
+        raw, audited = await self.redis.hmget(k.sale(sale_id), ["doc", "audit"])
         if raw is None:
             return []
         skus = [i.sku for i in msgspec.json.decode(raw, type=SaleIn).items]
         counters = await self._counters(sale_id, skus)
-        units = [[int(v or 0) for v in c[:4]] for c in counters]
-        found = [d for sku, u in zip(skus, units, strict=True) if (d := conservation(sku, *u))]
-        found += await self._against_postgres(sale_id, skus, counters)
+        units = {sku: [int(v or 0) for v in c[:4]] for sku, c in zip(skus, counters, strict=True)}
+        previous = msgspec.json.decode(audited or "[]", type=list[str])
+        postgres = await self._against_postgres(sale_id, skus, counters, previous)
+        found = [d for sku, u in units.items() if (d := conservation(sku, *u))] + postgres
         await self.redis.hset(k.sale(sale_id), mapping={"audit": msgspec.json.encode(found).decode()})
-        self._log(sale_id, found)
+        # Logged again only when what is wrong changes, not when the live numbers around it move.
+        self._log(sale_id, found, [f"{sku} {drift(*u):+d}" for sku, u in units.items() if drift(*u)] + postgres)
         return found
 
     async def _counters(self, sale_id: str, skus: Sequence[str]) -> list[list[str | None]]:
@@ -91,9 +97,10 @@ class Auditor:
             pipe.hmget(self.keys.item(sale_id, sku), *UNITS, "reservations", "cancelled", "expired")
         return list(await pipe.execute())
 
-    async def _against_postgres(self, sale_id: str, skus: Sequence[str], counters: list[list[str | None]]) -> list[str]:
+    async def _against_postgres(
+        self, sale_id: str, skus: Sequence[str], counters: list[list[str | None]], previous: list[str]
+    ) -> list[str]:
         last_at, last_counters = self._last_postgres.get(sale_id, (0.0, []))
-        previous = msgspec.json.decode(await self.redis.hget(self.keys.sale(sale_id), "audit") or "[]")
         kept = [d for d in previous if d.startswith("postgres: ")]
         if time.monotonic() - last_at < self.postgres_every_s:
             return kept  # too soon: the last answer stands
@@ -108,12 +115,11 @@ class Auditor:
         self._last_postgres[sale_id] = (time.monotonic(), counters)
         return [f"postgres: {d}" for d in report.differences]
 
-    def _log(self, sale_id: str, found: list[str]) -> None:
-        # Said again only when what is wrong changes, not when the live numbers around it move.
-        seen = [re.sub(r"^(\S+): available .*\(drift", r"\1 (drift", d) for d in found]
-        if seen == self._logged.get(sale_id, []):
+    def _log(self, sale_id: str, found: list[str], what: list[str]) -> None:
+        """``found`` said once, when ``what`` is wrong (the drifts and the Postgres lines) changes."""
+        if what == self._logged.get(sale_id, []):
             return
-        self._logged[sale_id] = seen
+        self._logged[sale_id] = what
         if found:
             log.warning("audit: %s", "; ".join(found), extra={"sale_id": sale_id, "drift": found})
         else:

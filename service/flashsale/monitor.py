@@ -35,7 +35,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from . import connection, metrics
-from .audit import conservation
+from .audit import conservation, drift
 from .connection import Client
 from .errors import ApiError
 from .keys import WORKER_TTL_MS, Keys
@@ -112,7 +112,7 @@ def _item(sale_id: str, sku: str, name: str, h: dict[str, str]) -> ItemProgress:
         reservations=n("reservations"),
         attempts=n("attempts"),
         rejected={f[4:]: int(v) for f, v in sorted(h.items()) if f.startswith("rej:")},
-        drift=n("available") + n("held") + n("confirmed") - n("stock_total"),
+        drift=drift(n("stock_total"), n("available"), n("held"), n("confirmed")),
     )
 
 
