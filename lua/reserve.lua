@@ -13,6 +13,9 @@
 -- KEYS[9] user's holds zset fs:{S}:mine:USER  (rid -> created ms: GET .../reservations?user_id=)
 -- ARGV[1] rid  ARGV[2] user_id  ARGV[3] sku  ARGV[4] quantity  ARGV[5] body fingerprint
 -- ARGV[6] idempotency key ('' for none)   ARGV[7] max attempts per user per second (0 = off)
+-- ARGV[8] '' for an item in one slot; for one shard of a sharded item (shards.py) 'first', or
+--         'again' after stock was moved here: a sold_out is then not counted (only the caller
+--         knows whether the item as a whole is sold out) and 'again' is not a new attempt
 -- Returns {'ok', created_ms, expires_ms}, {'replay', earlier rid}
 --      or {'err', code, number}  (number: available units, retry ms, or starts_ms).
 -- Sent twice (a client library resending after a lost connection), it makes one hold: the
@@ -23,12 +26,13 @@ if not sale[1] then return {'err', 'not_found', 0} end
 local limit = redis.call('HGET', KEYS[2], 'per_user_limit')
 if not limit then return {'err', 'not_found', 0} end
 
+local sharded = ARGV[8] ~= ''
 local function reject(code, n)
-  redis.call('HINCRBY', KEYS[2], 'rej:' .. code, 1)
+  if not (sharded and code == 'sold_out') then redis.call('HINCRBY', KEYS[2], 'rej:' .. code, 1) end
   return {'err', code, n}
 end
 
-redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+if ARGV[8] ~= 'again' then redis.call('HINCRBY', KEYS[2], 'attempts', 1) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 

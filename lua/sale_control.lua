@@ -22,6 +22,7 @@ if sale[1] == target then return {'ok', target} end
 -- Never behind the previous change, even if the clock stepped back: Postgres keeps the newest.
 local at = math.max(now, tonumber(sale[4] or sale[5] or 0))
 redis.call('HSET', KEYS[1], 'state', target, 'changed_ms', at)
+redis.call('HINCRBY', KEYS[1], 'rev', 1)  -- extra slots copy the state by rev (shard_sync.lua)
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', target,
   'doc', sale[3], 'at_ms', at)
 redis.call('PUBLISH', ARGV[3], ARGV[1])

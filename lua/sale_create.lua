@@ -6,7 +6,8 @@
 -- ARGV[5] sale document (JSON, names and prices)   ARGV[6] consumer group name
 -- ARGV[7] the state it starts in: 'active' (a new sale) or 'paused' (flashsale recover, which
 --         restores the holds before it lets the sale sell)
--- ARGV[8..] per item, three values: sku, stock, per_user_limit
+-- ARGV[8] the sale's extra slots (shards.py), comma-separated ('' for none: no item sharded)
+-- ARGV[9..] per item, three values: sku, stock (a sharded item: its first shard's), per_user_limit
 -- Returns {'ok'} or {'err', 'already_exists'}: also when only some of its keys are left (a
 -- partial loss), which must never be overwritten with fresh counters.
 for k = 1, #KEYS do
@@ -15,8 +16,8 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local skus = {}
-for i = 8, #ARGV, 3 do
-  local k = 3 + (i - 8) / 3
+for i = 9, #ARGV, 3 do
+  local k = 3 + (i - 9) / 3
   local stock = ARGV[i + 1]
   redis.call('HSET', KEYS[k], 'stock_total', stock, 'available', stock, 'held', 0,
     'confirmed', 0, 'cancelled', 0, 'expired', 0, 'reservations', 0, 'attempts', 0,
@@ -25,7 +26,7 @@ for i = 8, #ARGV, 3 do
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', ARGV[7], 'starts_ms', ARGV[2],
   'ends_ms', ARGV[3], 'hold_ms', ARGV[4], 'doc', ARGV[5], 'skus', table.concat(skus, ','),
-  'created_ms', now, 'rev', 1)
+  'slots', ARGV[8], 'created_ms', now, 'rev', 1)
 -- The group starts at 0 so the persister sees this sale's very first event.
 redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[6], '0', 'MKSTREAM')
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', ARGV[7],

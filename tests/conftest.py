@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -223,11 +223,12 @@ async def create_sale(client: httpx.AsyncClient, **overrides: Any) -> dict[str, 
 
 
 async def drained(redis: Redis, keys: Keys, sale_id: str, timeout: float = 20.0) -> None:
-    """Waits until every event of the sale is in Postgres."""
+    """Waits until every event of the sale (in every slot of it) is in Postgres."""
     from flashsale.queue import backlog
 
+    slots = [s for s in cast(str, await redis.hget(keys.sale(sale_id), "slots") or "").split(",") if s]
     deadline = asyncio.get_running_loop().time() + timeout
-    while (await backlog(redis, keys, sale_id)).events:
+    while (await backlog(redis, keys, sale_id, slots)).events:
         assert asyncio.get_running_loop().time() < deadline, "the queue did not drain"
         await asyncio.sleep(0.05)
 

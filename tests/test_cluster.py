@@ -128,6 +128,43 @@ async def test_a_crowd_on_a_cluster_buys_exactly_the_stock_of_sales_on_every_mas
         assert not report.differences, report.differences
 
 
+async def test_a_hot_item_with_three_shards_runs_on_three_masters_and_sells_exactly_its_stock(
+    on_cluster: Settings,
+    cluster_redis: Any,
+    cluster_client: httpx.AsyncClient,
+    cluster_worker: Persister,
+    pg: asyncpg.Connection,
+) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    stock, limit = 90, 2
+    hot = {"sku": "phone", "name": "P", "price_cents": 1, "stock": stock, "per_user_limit": limit, "shards": 3}
+    sale = (await create_sale(cluster_client, items=[hot]))["id"]
+    slots = [sale, *(await cluster_redis.hget(keys.sale(sale), "slots")).split(",")]
+    masters = {cluster_redis.get_node_from_key(keys.sale(slot)).name for slot in slots}
+    assert len(masters) == 3, "the shards were placed on one master"
+    before = await scripts_run_per_master(cluster_redis)
+
+    async def attempt(user: str, n: int) -> tuple[str, int, str]:
+        r = await reserve(cluster_client, sale, user, key=f"{user}-{n % 3}")  # every third a retry
+        return user, r.status_code, r.json().get("reservation_id") or r.json()["error"]["code"]
+
+    answers = await asyncio.gather(*(attempt(f"u{u}", n) for u in range(120) for n in range(4)))
+    won = {a[2]: a[0] for a in answers if a[1] == 201}
+    assert len(won) == stock
+    assert max(Counter(won.values()).values()) <= limit
+    assert {a[2] for a in answers if a[1] == 409} <= {"sold_out", "limit_exceeded"}
+    assert {rid.split(".")[0] for rid in won} == set(slots)
+    after = await scripts_run_per_master(cluster_redis)
+    assert all(a > b for b, a in zip(before, after, strict=True)), (before, after)
+    stranded = sum([int(await cluster_redis.hget(keys.item(slot, "phone"), "available")) for slot in slots])
+    assert stranded == 0
+    view = (await cluster_client.get(f"/v1/sales/{sale}")).json()["items"][0]
+    assert (view["available"], view["held"], view["shards"]) == (0, stock, 3)
+    await drained(cluster_redis, keys, sale)
+    assert await pg.fetchval("SELECT count(*) FROM reservations WHERE sale_id = $1", sale) == stock
+    assert not (await reconcile(cluster_redis, pg, keys, sale)).differences
+
+
 async def test_a_cancel_on_a_cluster_makes_its_unit_reservable_again_after_sold_out_was_answered_from_memory(
     cluster_client: httpx.AsyncClient,
 ) -> None:

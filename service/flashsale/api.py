@@ -25,6 +25,7 @@ from .sales import Sales
 from .schemas import CancelIn, ConfirmIn, Health, ReservationList, SaleIn
 from .scripts import Scripts
 from .settings import Settings
+from .shards import Mover, Routes
 from .tally import Tally
 from .verdicts import Verdicts
 from .web import Services, authorize, body, json, limit, services, slug, user_id
@@ -155,7 +156,9 @@ def create_app(settings: Settings) -> Starlette:
             pool=pool,
             keyring=KeyRing.build(settings.ops_keys, settings.storefront_keys),
             sales=Sales(redis, keys, scripts),
-            reservations=Reservations(redis, keys, scripts, settings, verdicts, tally),
+            reservations=Reservations(
+                redis, keys, scripts, settings, verdicts, tally, Routes(redis, keys), Mover(redis, keys, scripts)
+            ),
         )
         app.state.openapi = openapi.document()
         app.state.monitor = monitor.Monitor(redis, pool, keys, tally)

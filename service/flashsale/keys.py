@@ -3,6 +3,10 @@
 All keys of one sale share the hash tag ``{sale_id}`` so that a sale lives in one Cluster slot
 and every Lua script touches one slot only. Sale ids and skus are limited to ``[A-Za-z0-9_-]``,
 so they can never contain the tag braces or the ``:`` separator.
+
+A sale with a sharded item has extra slots, tagged ``{sale_id~x}`` (``~`` is never in an id):
+the per-sale methods below take a *slot* (the sale id itself, or one of those tags) wherever
+the key can live in either. ``shards.py`` says which slot a user's reservations go to.
 """
 
 from __future__ import annotations
@@ -67,8 +71,12 @@ class Keys:
     def sale(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:sale"
 
+    # HASH in an extra slot: the sale's state, window and hold length as the sale hash has them
+    # (copied there by lua/shard_sync.lua, rev by rev), and the skus sharded into it.
+    # reserve.lua reads it as the sale hash. Lives with the sale.
     # HASH per item: stock_total, available, held, confirmed, cancelled, expired (units),
-    # reservations, attempts, rej:<code> counters, per_user_limit. Lives with the sale.
+    # reservations, attempts, rej:<code> counters, per_user_limit; in a shard, also in_flight
+    # (units given to another shard that has not been told it has them yet). Lives with the sale.
     def item(self, sale_id: str, sku: str) -> str:
         return f"{self._sale(sale_id)}:item:{sku}"
 
@@ -112,6 +120,16 @@ class Keys:
     # STRING counter, PX 1 s: attempts of one user on one sale in the current second.
     def rate(self, sale_id: str, user_id: str) -> str:
         return f"{self._sale(sale_id)}:rate:{user_id}"
+
+    # HASH move id -> "sku|slot|units|ms": stock this shard gave another one (lua/shard_give.lua),
+    # until the sweeper sees it arrived and settles it here (lua/shard_done.lua). Lives with the sale.
+    def moves(self, slot: str) -> str:
+        return f"{self._sale(slot)}:moves"
+
+    # SET of the move ids this shard was given: taking one twice (a retry, the sweeper's repair)
+    # adds its units once. Lives with the sale.
+    def received(self, slot: str) -> str:
+        return f"{self._sale(slot)}:received"
 
     def sale_pattern(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:*"

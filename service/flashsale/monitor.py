@@ -20,11 +20,11 @@ import re
 import time
 from base64 import b64encode
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import msgspec
@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from . import connection, metrics
+from . import connection, metrics, shards
 from .audit import conservation, drift
 from .connection import Client
 from .errors import ApiError
@@ -48,7 +48,7 @@ from .schemas import (
     ItemProgress,
     Rates,
     RateWindows,
-    SaleIn,
+    SaleDoc,
     SaleProgress,
     SaleStatus,
     encoder,
@@ -95,7 +95,7 @@ def _rates(older: list[Counters], now: Counters, window_s: int) -> Rates:
     )
 
 
-def _item(sale_id: str, sku: str, name: str, h: dict[str, str]) -> ItemProgress:
+def _item(sale_id: str, sku: str, name: str, h: Mapping[str, Any]) -> ItemProgress:
     def n(field: str) -> int:
         return int(h.get(field) or 0)
 
@@ -112,7 +112,8 @@ def _item(sale_id: str, sku: str, name: str, h: dict[str, str]) -> ItemProgress:
         reservations=n("reservations"),
         attempts=n("attempts"),
         rejected={f[4:]: int(v) for f, v in sorted(h.items()) if f.startswith("rej:")},
-        drift=drift(n("stock_total"), n("available"), n("held"), n("confirmed")),
+        # A sharded item's comes summed over its shards (shards.combine).
+        drift=n("drift") if "drift" in h else drift(n("stock_total"), n("available"), n("held"), n("confirmed")),
     )
 
 
@@ -157,9 +158,9 @@ class Monitor:
     async def progress(self, sale_id: str) -> SaleProgress:
         if self.tally is not None:
             await self.tally.flush()
-        at, status, items, audited = await self._snapshot(sale_id)
+        at, status, items, audited, slots = await self._snapshot(sale_id)
         queue, persisted, workers = await asyncio.gather(
-            backlog(self.redis, self.keys, sale_id), self._persisted(sale_id), self.workers_alive()
+            backlog(self.redis, self.keys, sale_id, slots), self._persisted(sale_id), self.workers_alive()
         )
         rejected: dict[str, int] = {}
         for i in items:
@@ -184,12 +185,16 @@ class Monitor:
             workers_alive=workers,
             rates=self._remember(sale_id, counters),
             drift=[
-                *(d for i in items if (d := conservation(i.sku, i.stock_total, i.available, i.held, i.confirmed))),
+                *(
+                    d
+                    for i in items
+                    if (d := conservation(i.sku, i.stock_total, i.available, i.held, i.confirmed, i.drift))
+                ),
                 *(d for d in audited if d.startswith("postgres: ")),
             ],
         )
 
-    async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str]]:
+    async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str], list[str]]:
         """The sale and all its items in one MULTI, so the numbers agree with each other. The
         items to read come from the document read just before: if an update changed it in
         between, read again."""
@@ -198,7 +203,7 @@ class Monitor:
             raw = cast(str | None, await self.redis.hget(k.sale(sale_id), "doc"))
             if raw is None:
                 raise ApiError("not_found", f"no sale {sale_id!r}")
-            doc = msgspec.json.decode(raw, type=SaleIn)
+            doc = msgspec.json.decode(raw, type=SaleDoc)
             # Redis's clock just before the reads: TIME names no key, so on a cluster it cannot
             # share the sale's MULTI (a round trip early: nothing next to a rate over seconds).
             seconds, micros = await self.redis.time()
@@ -210,7 +215,10 @@ class Monitor:
             if current != raw:
                 continue
             now = int(seconds) * 1000 + int(micros) // 1000
-            items = [_item(sale_id, i.sku, i.name, h) for i, h in zip(doc.items, hashes, strict=True)]
+            whole = await shards.whole_items(
+                self.redis, k, doc, {i.sku: h for i, h in zip(doc.items, hashes, strict=True)}
+            )
+            items = [_item(sale_id, i.sku, i.name, whole[i.sku]) for i in doc.items]
             shown = [
                 ItemOut(
                     sku=i.sku,
@@ -224,7 +232,7 @@ class Monitor:
                 for i in items
             ]
             audit = msgspec.json.decode(audited or "[]", type=list[str])
-            return now, sale_status(state, int(starts), int(ends), now, shown), items, audit
+            return now, sale_status(state, int(starts), int(ends), now, shown), items, audit, doc.slots
         raise ApiError("unavailable", "the sale kept changing while it was read", retry_after=1)
 
     async def _persisted(self, sale_id: str) -> int | None:

@@ -66,7 +66,7 @@ def _path(name: str, pattern: str) -> dict[str, Any]:
 
 
 SALE_ID = _path("sale_id", "^[A-Za-z0-9_-]{1,64}$")
-RID = _path("rid", "^[A-Za-z0-9_-]{1,64}\\.[A-Za-z0-9_-]{22}$")
+RID = _path("rid", "^[A-Za-z0-9_-]{1,64}(~[0-9a-f]{1,8})?\\.[A-Za-z0-9_-]{22}$")
 USER_QUERY = {
     "name": "user_id",
     "in": "query",

@@ -32,7 +32,7 @@ from .connection import Client
 from .keys import GROUP, Keys
 from .queue import backlog
 from .sales import now_ms
-from .schemas import SaleIn
+from .schemas import SaleDoc
 from .scripts import Script, Scripts
 from .settings import Settings
 
@@ -64,22 +64,24 @@ WHERE reservations.status = 'held' AND EXCLUDED.status <> 'held'
 """
 
 UPSERT_SALE = """
-INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at)
-VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0))
+INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots)
+VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8)
 ON CONFLICT (id) DO UPDATE SET
     name = EXCLUDED.name, starts_at = EXCLUDED.starts_at, ends_at = EXCLUDED.ends_at,
-    hold_seconds = EXCLUDED.hold_seconds, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at
+    hold_seconds = EXCLUDED.hold_seconds, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at,
+    slots = EXCLUDED.slots
 WHERE sales.changed_at <= EXCLUDED.changed_at
 """
 
 UPSERT_ITEMS = """
-INSERT INTO items (sale_id, sku, name, price_cents, stock_total, per_user_limit)
-SELECT $1, i.sku, i.name, i.price, i.stock, i.lim
-FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::int[]) AS i(sku, name, price, stock, lim)
+INSERT INTO items (sale_id, sku, name, price_cents, stock_total, per_user_limit, shards)
+SELECT $1, i.sku, i.name, i.price, i.stock, i.lim, i.shards
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::int[], $8::int[])
+    AS i(sku, name, price, stock, lim, shards)
 WHERE (SELECT changed_at FROM sales WHERE id = $1) <= to_timestamp($7 / 1000.0)
 ON CONFLICT (sale_id, sku) DO UPDATE SET
     name = EXCLUDED.name, price_cents = EXCLUDED.price_cents, stock_total = EXCLUDED.stock_total,
-    per_user_limit = EXCLUDED.per_user_limit
+    per_user_limit = EXCLUDED.per_user_limit, shards = EXCLUDED.shards
 """
 
 
@@ -110,7 +112,7 @@ def check(fields: dict[str, str]) -> None:
     """Raises ValueError for an entry the persister cannot write."""
     kind = fields.get("type")
     if kind == "sale":
-        msgspec.json.decode(fields["doc"], type=SaleIn)
+        msgspec.json.decode(fields["doc"], type=SaleDoc)
         int(fields["at_ms"])
         return
     if kind not in ("reserve", *FINAL) or fields.get("status") not in ("held", *FINAL):
@@ -135,9 +137,11 @@ async def write(conn: Conn, sale_id: str, entries: Sequence[Entry]) -> None:
 
 
 async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
-    doc = msgspec.json.decode(sale["doc"], type=SaleIn)
+    doc = msgspec.json.decode(sale["doc"], type=SaleDoc)
     at = int(sale["at_ms"])
-    await conn.execute(UPSERT_SALE, sale_id, doc.name, doc.starts_at, doc.ends_at, doc.hold_seconds, sale["state"], at)
+    await conn.execute(
+        UPSERT_SALE, sale_id, doc.name, doc.starts_at, doc.ends_at, doc.hold_seconds, sale["state"], at, doc.slots
+    )
     await conn.execute(
         UPSERT_ITEMS,
         sale_id,
@@ -147,6 +151,7 @@ async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
         [i.stock for i in doc.items],
         [i.per_user_limit for i in doc.items],
         at,
+        [i.shards for i in doc.items],
     )
     await conn.execute(DELETE_DROPPED_ITEMS, sale_id, [i.sku for i in doc.items], at)
 
@@ -162,6 +167,7 @@ class Persister:
     dead_lettered: int = 0
     _streams: dict[str, str] = field(default_factory=dict)
     _until: dict[str, float] = field(default_factory=dict)  # sale id -> its score in the active set
+    _slots: dict[str, list[str]] = field(default_factory=dict)  # sale id -> its extra slots (shards.py)
     _streams_at: float = 0.0
     _retired_at: float = 0.0
     _retire: Script = field(init=False)
@@ -175,14 +181,24 @@ class Persister:
     _trimmed_at: float = 0.0
 
     async def streams(self) -> dict[str, str]:
-        """stream key -> sale id for every active sale, refreshed once a second."""
+        """stream key -> sale id for every active sale (its own stream and those of its extra
+        slots, shards.py), refreshed once a second."""
         if time.monotonic() - self._streams_at > 1.0:
             active = cast(list[tuple[str, float]], await self.redis.zrange(self.keys.active, 0, -1, withscores=True))
             pipe = self.redis.pipeline(transaction=False)
             for s, _ in active:
                 pipe.exists(self.keys.events(s))
-            exists = await pipe.execute()
-            self._streams = {self.keys.events(s): s for (s, _), e in zip(active, exists, strict=True) if e}
+                pipe.hget(self.keys.sale(s), "slots")
+            got = await pipe.execute()
+            self._slots = {
+                s: [x for x in (slots or "").split(",") if x] for (s, _), slots in zip(active, got[1::2], strict=True)
+            }
+            self._streams = {
+                self.keys.events(slot): s
+                for (s, _), e in zip(active, got[::2], strict=True)
+                if e
+                for slot in (s, *self._slots[s])
+            }
             self._until = dict(active)
             self._streams_at = time.monotonic()
         return self._streams
@@ -194,20 +210,26 @@ class Persister:
         for sale_id, until in list(self._until.items()):
             if until > now:
                 continue
-            skus = cast(str | None, await self.redis.hget(self.keys.sale(sale_id), "skus")) or ""
+            extra = self._slots.get(sale_id, [])
             pipe = self.redis.pipeline(transaction=False)
-            for sku in filter(None, skus.split(",")):
-                pipe.zcard(self.keys.holds(sale_id, sku))
+            for slot in (sale_id, *extra):
+                pipe.hget(self.keys.sale(slot), "skus")
+            places = list(zip((sale_id, *extra), await pipe.execute(), strict=True))
+            pipe = self.redis.pipeline(transaction=False)
+            for slot, skus in places:
+                for sku in filter(None, (skus or "").split(",")):
+                    pipe.zcard(self.keys.holds(slot, sku))
             if any(await pipe.execute()):
                 continue
             stream = self.keys.events(sale_id)  # made with its group by sale_create
-            queued = await self.redis.exists(stream) and (await backlog(self.redis, self.keys, sale_id)).events
+            queued = await self.redis.exists(stream) and (await backlog(self.redis, self.keys, sale_id, extra)).events
             if queued:
                 continue
             if await self._retire(keys=[self.keys.active], args=[sale_id, int(until)]):
                 log.info("sale retired from the active set", extra={"sale_id": sale_id})
                 self._until.pop(sale_id, None)
-                self._streams.pop(self.keys.events(sale_id), None)
+                for slot in (sale_id, *extra):
+                    self._streams.pop(self.keys.events(slot), None)
 
     async def audit(self, stop: asyncio.Event) -> None:
         """The live audit, beside the persisting and never in its way: a pass that fails (Redis or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -21,13 +22,24 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-async def backlog(redis: Client, keys: Keys, sale_id: str) -> Backlog:
-    stream = keys.events(sale_id)
+async def backlog(redis: Client, keys: Keys, sale_id: str, extra: Sequence[str] = ()) -> Backlog:
+    """The sale's backlog over its own stream and those of its ``extra`` slots (shards.py)."""
+    events, oldest = 0, []
+    for slot in (sale_id, *extra):
+        n, first = await _stream(redis, keys.events(slot))
+        events += n
+        oldest += first
+    dead = int(await redis.xlen(keys.dead(sale_id)))
+    age = max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0
+    return Backlog(events=events, oldest_age_s=age, dead_lettered=dead)
+
+
+async def _stream(redis: Client, stream: str) -> tuple[int, list[int]]:
+    """Events of one stream not yet in Postgres, and the time of the oldest (none: [])."""
     pipe = redis.pipeline(transaction=True)
     pipe.xinfo_groups(stream)
     pipe.xpending(stream, GROUP)
-    pipe.xlen(keys.dead(sale_id))
-    groups, pending, dead = await pipe.execute()
+    groups, pending = await pipe.execute()
     group = next(g for g in groups if g["name"] == GROUP)
     lag = group.get("lag")
     if lag is None:  # Redis could not tell: count what lies after the last delivered entry
@@ -40,5 +52,4 @@ async def backlog(redis: Client, keys: Keys, sale_id: str) -> Backlog:
         first = cast(list[tuple[str, object]], await redis.xrange(stream, after, "+", count=1))
         if first:
             oldest.append(_id_ms(first[0][0]))
-    age = max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0
-    return Backlog(events=int(pending["pending"] if pending else 0) + int(lag), oldest_age_s=age, dead_lettered=dead)
+    return int(pending["pending"] if pending else 0) + int(lag), oldest

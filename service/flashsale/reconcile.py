@@ -8,10 +8,11 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
+from . import shards
 from .connection import Client
 from .keys import Keys
 from .queue import backlog
-from .schemas import SaleIn
+from .schemas import SaleDoc
 
 COLUMNS = ("reservations", "held", "confirmed", "released")
 
@@ -39,13 +40,17 @@ async def reconcile(redis: Client, conn: asyncpg.Connection | PoolConnectionProx
     if raw is None:
         report.differences.append(f"no sale {sale_id!r} in Redis")
         return report
-    skus = [i.sku for i in msgspec.json.decode(raw, type=SaleIn).items]
+    doc = msgspec.json.decode(raw, type=SaleDoc)
+    skus = [i.sku for i in doc.items]
     pipe = redis.pipeline(transaction=True)
     for sku in skus:
-        pipe.hmget(keys.item(sale_id, sku), "reservations", "held", "confirmed", "cancelled", "expired")
+        pipe.hgetall(keys.item(sale_id, sku))
+    whole = await shards.whole_items(redis, keys, doc, dict(zip(skus, await pipe.execute(), strict=True)))
     in_redis = {}
-    for sku, values in zip(skus, await pipe.execute(), strict=True):
-        n, held, confirmed, cancelled, expired = (int(v or 0) for v in values)
+    for sku in skus:
+        n, held, confirmed, cancelled, expired = (
+            int(whole[sku].get(f) or 0) for f in ("reservations", "held", "confirmed", "cancelled", "expired")
+        )
         in_redis[sku] = {"reservations": n, "held": held, "confirmed": confirmed, "released": cancelled + expired}
     in_pg = {sku: dict.fromkeys(COLUMNS, 0) for sku in skus}
     for row in await conn.fetch(
@@ -62,7 +67,7 @@ async def reconcile(redis: Client, conn: asyncpg.Connection | PoolConnectionProx
         report.differences += [
             f"{sku} {c}: redis {red[c]}, postgres {in_pg[sku][c]}" for c in COLUMNS if red[c] != in_pg[sku][c]
         ]
-    report.backlog = (await backlog(redis, keys, sale_id)).events
+    report.backlog = (await backlog(redis, keys, sale_id, doc.slots)).events
     if report.backlog:
         report.differences.append(f"{report.backlog} events not yet in Postgres (is a worker running?)")
     return report

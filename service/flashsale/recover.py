@@ -12,7 +12,9 @@ What recover does, in this order:
 1. If Redis has none of the sale's keys, the sale is loaded again from its Postgres rows (window,
    hold length, items with their stock and limits), paused, with every unit available. (If the
    sale hash is gone but other keys of the sale are left, recover changes nothing and says what
-   to do: loading it again would reset those keys' counters.)
+   to do: loading it again would reset those keys' counters.) If only extra slots of a sharded
+   item are gone (their master lost them), each is made again while the sale is paused, with the
+   units its item's other shards do not account for.
 2. Every reservation Postgres has is put back through ``lua/recover_hold.lua``, one atomic call
    each: one Redis lost entirely comes back with its status, its expiry (a hold comes back into
    the sweeper's due-time index), its units in the item's counters and the user's count, and its
@@ -38,14 +40,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 import asyncpg
+import msgspec
 
+from . import shards
 from .connection import Client
-from .keys import Keys
-from .reservations import fingerprint
+from .keys import GROUP, Keys
+from .reservations import fingerprint, slot_of
 from .sales import Sales, ms
-from .schemas import ItemIn, SaleIn
+from .schemas import ItemIn, SaleDoc
 from .scripts import Scripts
 
 BATCH = 500  # reservations put back per round of calls
@@ -59,6 +64,7 @@ def _ms(at: datetime | None) -> str:
 class Recovery:
     sale_id: str
     sale_reloaded: bool = False
+    slots_remade: list[str] = field(default_factory=list)  # extra slots of sharded items made again
     outcomes: Counter[str] = field(default_factory=Counter)  # added / settled / kept
     oversold: dict[str, int] = field(default_factory=dict)  # sku -> units promised twice
     problems: list[str] = field(default_factory=list)
@@ -66,6 +72,8 @@ class Recovery:
     def table(self) -> str:
         lines = [f"sale {self.sale_id}"]
         lines.append("sale reloaded from Postgres" if self.sale_reloaded else "sale found in Redis")
+        if self.slots_remade:
+            lines.append(f"slots made again: {', '.join(self.slots_remade)}")
         lines.append(
             f"reservations from Postgres: {self.outcomes['added']} restored, {self.outcomes['settled']} given"
             f" their final status, {self.outcomes['kept']} already in Redis"
@@ -91,16 +99,40 @@ async def recover(
         return report
     items = await conn.fetch("SELECT * FROM items WHERE sale_id = $1 ORDER BY sku", sale_id)
     sales = Sales(redis, keys, scripts)
-    if not await redis.exists(keys.sale(sale_id)):
-        left = [k async for k in redis.scan_iter(match=keys.sale_pattern(sale_id), count=1000)]
+    doc = _document(sale, items)
+    slots = [sale_id, *doc.slots]
+    pipe = redis.pipeline(transaction=False)
+    for slot in slots:
+        pipe.exists(keys.sale(slot))
+    present = [slot for slot, there in zip(slots, await pipe.execute(), strict=True) if there]
+    lost = [s for s in slots if s not in present]
+    resume_after = False
+    if present and lost and sale_id in lost:
+        report.problems.append(
+            f"the sale's own slot is gone and its extra slots {', '.join(present)} are not (a partial loss):"
+            " loading it again would reset the counters left. Let the persister drain the streams, delete"
+            f" the sale's keys ({', '.join(keys.sale_pattern(s) for s in slots)}), then run recover again"
+        )
+        return report
+    if present and lost:
+        # Extra slots of a sharded item lost with their master: made again, with the units no
+        # surviving shard accounts for, while the sale is paused; their holds come back below.
+        resume_after = await redis.hget(keys.sale(sale_id), "state") == "active"
+        if resume_after:
+            await sales.pause(sale_id)
+        await _remake(redis, keys, scripts, sale_id, lost)
+        report.slots_remade = lost
+        say(f"slots {', '.join(lost)} of sale {sale_id} made again, the sale paused while their holds come back")
+    if not present:
+        left = [k for slot in slots async for k in redis.scan_iter(match=keys.sale_pattern(slot), count=1000)]
         if left:
             report.problems.append(
                 f"the sale's hash is gone but {len(left)} of its keys are left (a partial loss): loading it again"
                 " would reset their counters. Let the persister drain its stream, delete the sale's keys"
-                f" ({keys.sale_pattern(sale_id)}), then run recover again"
+                f" ({', '.join(keys.sale_pattern(s) for s in slots)}), then run recover again"
             )
             return report
-        await sales.load(_document(sale, items), state="paused")  # sells nothing until its holds are back
+        await sales.load(doc, state="paused")  # sells nothing until its holds are back
         report.sale_reloaded = True
         say(f"sale {sale_id} loaded again from Postgres, paused while its reservations are restored")
     total = await conn.fetchval("SELECT count(*) FROM reservations WHERE sale_id = $1", sale_id)
@@ -116,21 +148,67 @@ async def recover(
                 say(f"  {done:,} / {total:,} reservations")
                 batch = []
         report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
-    if report.sale_reloaded and sale["state"] == "active":
+    if (report.sale_reloaded and sale["state"] == "active") or resume_after:
         await sales.resume(sale_id)
     elif report.sale_reloaded and sale["state"] == "ended":
         await sales.end(sale_id)
-    for item in items:
-        available = int(await redis.hget(keys.item(sale_id, item["sku"]), "available") or 0)
+    for item in doc.items:
+        available = await _balance(redis, keys, scripts, shards.slots_of(doc, item), item.sku)
         if available < 0:
-            report.oversold[item["sku"]] = -available
+            report.oversold[item.sku] = -available
     return report
 
 
-def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleIn:
-    """The sale as it was created, its stock as Postgres last knew it (restocks included)."""
-    return SaleIn(
+async def _remake(redis: Client, keys: Keys, scripts: Scripts, sale_id: str, lost: list[str]) -> None:
+    """Each lost extra slot made again (lua/shard_create.lua) with, for each item sharded into it,
+    the units its other shards do not hold: the stock (the sale hash's document, restocks and all)
+    less their available, held, confirmed and in flight. A move into the lost slot that the
+    sweeper finishes later adds its units then; one out of it that never arrived is in that share."""
+    raw = cast(str, await redis.hget(keys.sale(sale_id), "doc"))
+    doc = msgspec.json.decode(raw, type=SaleDoc)
+    window = cast(list[str], await redis.hmget(keys.sale(sale_id), ["starts_ms", "ends_ms", "hold_ms"]))
+    for slot in lost:
+        here = [i for i in doc.items if slot in shards.slots_of(doc, i)]
+        args: list[str | int] = [sale_id, *window, "paused", GROUP, raw]
+        for item in here:
+            pipe = redis.pipeline(transaction=False)
+            others = [s for s in shards.slots_of(doc, item) if s not in lost]
+            for other in others:
+                pipe.hmget(keys.item(other, item.sku), ["available", "held", "confirmed", "in_flight"])
+            elsewhere = sum(int(v or 0) for values in await pipe.execute() for v in values)
+            args += [item.sku, max(0, item.stock - elsewhere), item.per_user_limit]
+        result = await scripts.shard_create(
+            keys=[keys.sale(slot), keys.events(slot), *(keys.item(slot, i.sku) for i in here)], args=args
+        )
+        if result[0] == "err":
+            raise RuntimeError(f"slot {slot} could not be made again: {result[1]}")
+        await shards.sync(redis, keys, scripts, sale_id, [slot])
+
+
+async def _balance(redis: Client, keys: Keys, scripts: Scripts, slots: list[str], sku: str) -> int:
+    """The item's available units. A sharded item loaded again has its stock split evenly, and
+    the holds put back where their users are: a shard left below zero takes from the others."""
+    pipe = redis.pipeline(transaction=False)
+    for slot in slots:
+        pipe.hget(keys.item(slot, sku), "available")
+    available = dict(zip(slots, (int(v or 0) for v in await pipe.execute()), strict=True))
+    mover = shards.Mover(redis, keys, scripts)
+    for short in [s for s in slots if available[s] < 0]:
+        for rich in sorted(slots, key=lambda s: -available[s]):
+            if available[short] >= 0 or available[rich] <= 0:
+                break
+            moved = await mover.move(sku, rich, short, min(available[rich], -available[short]))
+            available[rich] -= moved
+            available[short] += moved
+    return sum(available.values())
+
+
+def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleDoc:
+    """The sale as it was created, its stock as Postgres last knew it (restocks included), its
+    extra slots where they were (every reservation id names its slot)."""
+    return SaleDoc(
         id=sale["id"],
+        slots=list(sale["slots"]),
         name=sale["name"],
         starts_at=sale["starts_at"],
         ends_at=sale["ends_at"],
@@ -142,6 +220,7 @@ def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleIn:
                 price_cents=i["price_cents"],
                 stock=i["stock_total"],
                 per_user_limit=i["per_user_limit"],
+                shards=i["shards"],
             )
             for i in items
         ],
@@ -154,15 +233,16 @@ async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[async
     def call(r: asyncpg.Record) -> asyncio.Future[str]:
         final = r["confirmed_at"] or r["released_at"] or r["expired_at"]
         idem = r["idempotency_key"] or ""
+        slot = slot_of(r["id"])[0]  # a sharded item's: the shard of its user
         return asyncio.ensure_future(
             scripts.recover_hold(
                 keys=[
-                    keys.item(sale_id, r["sku"]),
-                    keys.users(sale_id, r["sku"]),
-                    keys.holds(sale_id, r["sku"]),
-                    keys.reservation(sale_id, r["id"]),
-                    keys.idempotency(sale_id, r["user_id"], idem),
-                    keys.user_reservations(sale_id, r["user_id"]),
+                    keys.item(slot, r["sku"]),
+                    keys.users(slot, r["sku"]),
+                    keys.holds(slot, r["sku"]),
+                    keys.reservation(slot, r["id"]),
+                    keys.idempotency(slot, r["user_id"], idem),
+                    keys.user_reservations(slot, r["user_id"]),
                 ],
                 args=[
                     r["id"],

@@ -9,6 +9,7 @@ tick's pipeline): a retry of a reservation that succeeded must get that reservat
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import secrets
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from . import metrics
+from . import metrics, shards
 from .connection import Client
 from .errors import ApiError
 from .keys import Keys
@@ -27,13 +28,16 @@ from .settings import Settings
 from .tally import Tally
 from .verdicts import Verdicts
 
-RID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.[A-Za-z0-9_-]{22}(?!\n)$")
+# The slot the reservation lives in (its sale id, and "~x" in an extra slot of a sharded item:
+# shards.py), then 128 random bits.
+RID = re.compile(r"^(([A-Za-z0-9_-]{1,64})(?:~[0-9a-f]{1,8})?)\.[A-Za-z0-9_-]{22}(?!\n)$")
 FIELDS = ("rid", "sku", "user", "qty", "status", "created_ms", "expires_ms", "final_ms", "payment_ref")
+MOVE_TRIES = 5  # a sharded item: rounds of "take stock from the other shards, try again"
 
 
-def new_rid(sale_id: str) -> str:
-    """The sale id (so the id finds its keys) and 128 random bits (so nobody can guess one)."""
-    return f"{sale_id}.{secrets.token_urlsafe(16)}"
+def new_rid(slot: str) -> str:
+    """The slot (so the id finds its keys) and 128 random bits (so nobody can guess one)."""
+    return f"{slot}.{secrets.token_urlsafe(16)}"
 
 
 def fingerprint(sku: str, quantity: int) -> str:
@@ -42,11 +46,12 @@ def fingerprint(sku: str, quantity: int) -> str:
     return f"{sku}:{quantity}"
 
 
-def sale_of(rid: str) -> str:
+def slot_of(rid: str) -> tuple[str, str]:
+    """(the slot a reservation id names, its sale id)."""
     match = RID.match(rid)
     if match is None:
         raise ApiError("not_found", "no such reservation")
-    return match.group(1)
+    return match.group(1), match.group(2)
 
 
 def to_reservation(sale_id: str, values: list[str | None], now: int | None = None) -> Reservation:
@@ -71,23 +76,23 @@ def to_reservation(sale_id: str, values: list[str | None], now: int | None = Non
 async def settle(
     scripts: Scripts,
     keys: Keys,
-    sale_id: str,
+    slot: str,
     sku: str,
     action: Literal["confirm", "cancel", "expire"],
     rids: Sequence[str],
     user_id: str = "",
     payment_ref: str = "",
 ) -> Any:
-    """lua/settle.lua on reservations of one sku, its KEYS/ARGV laid out in this one place."""
+    """lua/settle.lua on reservations of one sku in one slot, its KEYS/ARGV laid out in this one place."""
     return await scripts.settle(
         keys=[
-            keys.item(sale_id, sku),
-            keys.users(sale_id, sku),
-            keys.holds(sale_id, sku),
-            keys.events(sale_id),
-            *(keys.reservation(sale_id, r) for r in rids),
+            keys.item(slot, sku),
+            keys.users(slot, sku),
+            keys.holds(slot, sku),
+            keys.events(slot),
+            *(keys.reservation(slot, r) for r in rids),
         ],
-        args=[action, user_id, payment_ref, keys.changes, sale_id, *rids],
+        args=[action, user_id, payment_ref, keys.changes, shards.sale_of_slot(slot), *rids],
     )
 
 
@@ -112,6 +117,8 @@ class Reservations:
     settings: Settings
     verdicts: Verdicts
     tally: Tally
+    routes: shards.Routes
+    mover: shards.Mover
 
     async def reserve(
         self, sale_id: str, user_id: str, sku: str, quantity: int, idempotency_key: str | None
@@ -123,54 +130,83 @@ class Reservations:
         if verdict is not None and idem:
             # A key that made a reservation gets it back (a replay): only the script can say. Recalled
             # again after that round trip, which a busy Redis can make long.
-            used = await self._used(sale_id, user_id, idem)
+            used = await self._used(sale_id, sku, user_id, idem)
             verdict = None if used else self.verdicts.recall(sale_id, sku, quantity)
         if verdict is not None:
             self.tally.refused(sale_id, sku, verdict.code)
             metrics.from_memory(verdict.code)
             return reject(verdict.code, verdict.number)
-        rid = new_rid(sale_id)
+        slots = await self.routes.item(sale_id, sku)
+        slot = shards.home(slots, user_id)
         ticket = self.verdicts.ticket(sale_id)
-        result = await self.scripts.reserve(
-            keys=[
-                k.sale(sale_id),
-                k.item(sale_id, sku),
-                k.users(sale_id, sku),
-                k.holds(sale_id, sku),
-                k.reservation(sale_id, rid),
-                k.events(sale_id),
-                k.idempotency(sale_id, user_id, idem),
-                k.rate(sale_id, user_id),
-                k.user_reservations(sale_id, user_id),
-            ],
-            args=[rid, user_id, sku, quantity, fingerprint(sku, quantity), idem, self.settings.user_rate_per_s],
-        )
-        if result[0] == "ok":
-            _, created, expires = result
-            values = [rid, sku, user_id, str(quantity), "held", created, expires, None, None]
-            return to_reservation(sale_id, values), True
-        if result[0] == "replay":
-            return await self.get(result[1], user_id), False
-        code, number = result[1], int(result[2])
-        self.verdicts.remember(sale_id, sku, code, number, ticket)
-        return reject(code, number)
+        mode = "first" if len(slots) > 1 else ""
+        for _ in range(MOVE_TRIES):
+            rid = new_rid(slot)
+            result = await self.scripts.reserve(
+                keys=[
+                    k.sale(slot),
+                    k.item(slot, sku),
+                    k.users(slot, sku),
+                    k.holds(slot, sku),
+                    k.reservation(slot, rid),
+                    k.events(slot),
+                    k.idempotency(slot, user_id, idem),
+                    k.rate(slot, user_id),
+                    k.user_reservations(slot, user_id),
+                ],
+                args=[
+                    rid,
+                    user_id,
+                    sku,
+                    quantity,
+                    fingerprint(sku, quantity),
+                    idem,
+                    self.settings.user_rate_per_s,
+                    mode,
+                ],
+            )
+            if result[0] == "ok":
+                _, created, expires = result
+                values = [rid, sku, user_id, str(quantity), "held", created, expires, None, None]
+                return to_reservation(sale_id, values), True
+            if result[0] == "replay":
+                return await self.get(result[1], user_id), False
+            code, number = result[1], int(result[2])
+            if code == "sold_out" and mode:
+                # This shard is short. The item as a whole decides: move units here, or sold out.
+                left = await self.mover.gather(sale_id, sku, slots, slot, quantity)
+                if left < quantity:
+                    self.tally.refused(sale_id, sku, code)
+                    code, number = code, max(left, 0)
+                else:
+                    mode = "again"
+                    continue
+            self.verdicts.remember(sale_id, sku, code, number, ticket)
+            return reject(code, number)
+        raise ApiError("unavailable", "the item's stock is moving between its shards: try again", retry_after=1)
 
-    async def _used(self, sale_id: str, user_id: str, idempotency_key: str) -> bool:
+    async def _used(self, sale_id: str, sku: str, user_id: str, idempotency_key: str) -> bool:
         """Whether the key made a reservation already: then only the script can answer (a replay)."""
-        return bool(await self.scripts.calls.call("EXISTS", self.keys.idempotency(sale_id, user_id, idempotency_key)))
+        slot = shards.home(await self.routes.item(sale_id, sku), user_id)
+        return bool(await self.scripts.calls.call("EXISTS", self.keys.idempotency(slot, user_id, idempotency_key)))
 
     async def of_user(self, sale_id: str, user_id: str, limit: int) -> list[Reservation]:
-        """The user's reservations in the sale, newest first, at most ``limit``."""
-        rids = cast(list[str], await self.redis.zrevrange(self.keys.user_reservations(sale_id, user_id), 0, limit - 1))
+        """The user's reservations in the sale, newest first, at most ``limit`` (from every slot
+        of the sale: a sharded item's are in the user's shard)."""
+        slots = await self.routes.slots(sale_id)
         pipe = self.redis.pipeline(transaction=False)
-        for rid in rids:
-            pipe.hmget(self.keys.reservation(sale_id, rid), FIELDS)
+        for slot in slots:
+            pipe.zrevrange(self.keys.user_reservations(slot, user_id), 0, limit - 1, withscores=True)
+        newest = heapq.nlargest(limit, (e for found in await pipe.execute() for e in found), key=lambda e: e[1])
+        pipe = self.redis.pipeline(transaction=False)
+        for rid, _ in newest:
+            pipe.hmget(self.keys.reservation(slot_of(rid)[0], rid), FIELDS)
         now = now_ms()
         return [to_reservation(sale_id, values, now) for values in await pipe.execute() if values[0] is not None]
 
     async def get(self, rid: str, user_id: str) -> Reservation:
-        sale_id = sale_of(rid)
-        values = cast(list[str | None], await self.redis.hmget(self.keys.reservation(sale_id, rid), FIELDS))
+        slot, sale_id = slot_of(rid)
+        values = cast(list[str | None], await self.redis.hmget(self.keys.reservation(slot, rid), FIELDS))
         if values[0] is None or values[2] != user_id:
             raise ApiError("not_found", "no such reservation")
         return to_reservation(sale_id, values, now_ms())
@@ -178,12 +214,12 @@ class Reservations:
     async def settle(
         self, rid: str, user_id: str, action: Literal["confirm", "cancel"], payment_ref: str = ""
     ) -> Reservation:
-        sale_id = sale_of(rid)
+        slot, sale_id = slot_of(rid)
         k = self.keys
-        sku = cast(str | None, await self.redis.hget(k.reservation(sale_id, rid), "sku"))
+        sku = cast(str | None, await self.redis.hget(k.reservation(slot, rid), "sku"))
         if sku is None:
             raise ApiError("not_found", "no such reservation")
-        result = await settle(self.scripts, k, sale_id, sku, action, [rid], user_id, payment_ref)
+        result = await settle(self.scripts, k, slot, sku, action, [rid], user_id, payment_ref)
         if result[1] == "not_found":
             raise ApiError("not_found", "no such reservation")
         if result[0] == "err":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import Any, Literal, cast
 
 import msgspec
 
+from . import shards
 from .connection import Client
 from .errors import ApiError
 from .keys import GROUP, Keys
@@ -23,6 +25,7 @@ from .schemas import (
     SLUG,
     ItemIn,
     ItemOut,
+    SaleDoc,
     SaleIn,
     SaleOut,
     SalePage,
@@ -119,27 +122,39 @@ class Sales:
 
     async def load(self, sale: SaleIn, state: Literal["active", "paused"] = "active") -> None:
         """The sale into Redis as new (lua/sale_create.lua): listed, in ``state``, every unit
-        available. ``already_exists`` if Redis has any of its keys."""
+        available. ``already_exists`` if Redis has any of its keys. A sale with sharded items gets
+        its extra slots first (lua/shard_create.lua; tags chosen now unless ``sale`` is a stored
+        document that has them), so that no reservation is routed to a slot not made yet."""
         k = self.keys
+        doc = sale if isinstance(sale, SaleDoc) else SaleDoc(**msgspec.structs.asdict(sale))
+        extra = max(i.shards for i in doc.items) - 1
+        if extra and len(doc.slots) < extra:
+            if await self.redis.exists(k.sale(doc.id)):
+                raise ApiError("already_exists")
+            doc.slots = await shards.choose(self.redis, doc.id, extra)
+        encoded = msgspec.json.encode(doc).decode()
         # Listed first: a crash after the script leaves a listed sale, never an unlisted one
         # whose events nobody drains.
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(k.sales, {sale.id: now_ms()}, nx=True)
-        pipe.zadd(k.active, {sale.id: ms(sale.ends_at) + sale.hold_seconds * 1000}, gt=True)
+        pipe.zadd(k.sales, {doc.id: now_ms()}, nx=True)
+        pipe.zadd(k.active, {doc.id: ms(doc.ends_at) + doc.hold_seconds * 1000}, gt=True)
         await pipe.execute()
-        args: list[str | int] = [
-            sale.id,
-            ms(sale.starts_at),
-            ms(sale.ends_at),
-            sale.hold_seconds * 1000,
-            msgspec.json.encode(sale).decode(),
-            GROUP,
-            state,
-        ]
-        for item in sale.items:
-            args += [item.sku, item.stock, item.per_user_limit]
+        window = [ms(doc.starts_at), ms(doc.ends_at), doc.hold_seconds * 1000]
+        for n, slot in enumerate(doc.slots, start=1):
+            here = [i for i in doc.items if i.shards > n]
+            args: list[str | int] = [doc.id, *window, state, GROUP, encoded]
+            for item in here:
+                args += [item.sku, shards.split(item.stock, item.shards)[n], item.per_user_limit]
+            result = await self.scripts.shard_create(
+                keys=[k.sale(slot), k.events(slot), *(k.item(slot, i.sku) for i in here)], args=args
+            )
+            if result[0] == "err":
+                raise ApiError(result[1])
+        args = [doc.id, *window, encoded, GROUP, state, ",".join(doc.slots)]
+        for item in doc.items:
+            args += [item.sku, shards.split(item.stock, item.shards)[0], item.per_user_limit]
         result = await self.scripts.sale_create(
-            keys=[k.sale(sale.id), k.events(sale.id), *(k.item(sale.id, i.sku) for i in sale.items)],
+            keys=[k.sale(doc.id), k.events(doc.id), *(k.item(doc.id, i.sku) for i in doc.items)],
             args=args,
         )
         if result[0] == "err":
@@ -190,14 +205,35 @@ class Sales:
                 skus = self._skus[sale_id] = reply[1]
                 continue
             _, now, (state, starts, ends, hold, raw), *parts = reply
-            doc = msgspec.json.decode(raw, type=SaleIn)
+            doc = msgspec.json.decode(raw, type=SaleDoc)
             if [i.sku for i in doc.items] != names:  # written together by every script; never trust blindly
                 skus = self._skus[sale_id] = ",".join(i.sku for i in doc.items)
                 continue
             for n in range(1, len(parts), 2):  # ZRANGE WITHSCORES from Lua is flat: [rid, score]
                 parts[n] = [(parts[n][0], float(parts[n][1]))] if parts[n] else []
+            if doc.slots:
+                await self._add_shards(doc, parts)
             return _sale_out(sale_id, doc, state, int(starts), int(ends), int(hold), parts, int(now))
         raise ApiError("unavailable", "the sale kept changing while it was read", retry_after=1)
+
+    async def _add_shards(self, doc: SaleDoc, parts: list[Any]) -> None:
+        """Each sharded item's numbers as the whole item's (shards.combine), its first hold the
+        earliest of any shard: read after the sale's own slot, one round trip per master."""
+        k = self.keys
+        wanted = [(n, item, slot) for n, item in enumerate(doc.items) for slot in shards.slots_of(doc, item)[1:]]
+        pipe = self.redis.pipeline(transaction=False)
+        for _, item, slot in wanted:
+            pipe.hmget(k.item(slot, item.sku), list(ITEM_FIELDS))
+            pipe.zrange(k.holds(slot, item.sku), 0, 0, withscores=True)
+        got = await pipe.execute()
+        extra: dict[int, list[tuple[list[Any], list[Any]]]] = {}
+        for (n, _, _), values, first in zip(wanted, got[::2], got[1::2], strict=True):
+            extra.setdefault(n, []).append((values, first))
+        for n, more in extra.items():
+            hashes = [dict(zip(ITEM_FIELDS, v, strict=True)) for v in [parts[2 * n], *(v for v, _ in more)]]
+            whole = shards.combine(doc.items[n].stock, hashes)
+            parts[2 * n] = [whole[f] for f in ITEM_FIELDS]
+            parts[2 * n + 1] = min([parts[2 * n + 1], *(f for _, f in more)], key=lambda f: f[0][1] if f else math.inf)
 
     async def views(self, sale_ids: Sequence[str]) -> list[SaleOut | None]:
         """Each sale as ``view`` reads it (one atomic script call each, all in the tick's
@@ -260,6 +296,7 @@ class Sales:
             if result[1] == "invalid_state":
                 raise ApiError("invalid_state", f"the sale has ended, and ended is final: cannot {action} it")
             raise ApiError(result[1], f"no sale {sale_id!r}" if result[1] == "not_found" else None)
+        await shards.sync(self.redis, k, self.scripts, sale_id)  # answered once every shard has the state
         return await self.view(sale_id)
 
     async def restock(self, sale_id: str, sku: str, quantity: int) -> ItemOut:
@@ -289,6 +326,10 @@ class Sales:
         in_range(starts_at=patch.starts_at, ends_at=patch.ends_at)
         unique_skus(items)
         skus = [i.sku for i in items]
+        if any(i.shards > 1 for i in items):
+            raise ApiError("invalid_request", "shards are set when the sale is created", fields=["items"])
+        if items and await self.redis.hget(k.sale(sale_id), "slots"):
+            raise ApiError("invalid_state", "a sale with a sharded item keeps its items: restock adds units")
         times = [ms(t) if isinstance(t, datetime) else "" for t in (patch.starts_at, patch.ends_at)]
         hold = patch.hold_seconds * 1000 if isinstance(patch.hold_seconds, int) else ""
         changes = msgspec.json.encode(patch).decode()  # the fields given, UNSET ones left out
@@ -313,6 +354,7 @@ class Sales:
             if result[0] == "ok":
                 window = cast(list[str], await self.redis.hmget(k.sale(sale_id), "ends_ms", "hold_ms"))
                 await self.redis.zadd(k.active, {sale_id: int(window[0]) + int(window[1])}, gt=True)
+                await shards.sync(self.redis, k, self.scripts, sale_id)
                 return await self.view(sale_id)
             code, detail = result[1], result[2]
             if code == "not_found":
@@ -344,6 +386,7 @@ def _sale_out(
                 held=held,
                 per_user_limit=limit,
                 next_release_at=instant(first[0][1]) if available == 0 and first else None,
+                shards=item.shards,
             )
         )
     return SaleOut(

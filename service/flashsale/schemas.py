@@ -31,6 +31,10 @@ class ItemIn(Struct, forbid_unknown_fields=True):
     price_cents: Annotated[int, Meta(ge=0, le=10**12)]
     stock: Annotated[int, Meta(ge=0, le=MAX_STOCK)]
     per_user_limit: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+    shards: Annotated[
+        int,
+        Meta(ge=1, le=64, description="hash slots the stock is spread over (a hot item on a cluster: one per master)"),
+    ] = 1
 
 
 Items = Annotated[list[ItemIn], Meta(min_length=1, max_length=100)]
@@ -43,6 +47,14 @@ class SaleIn(Struct, forbid_unknown_fields=True):
     ends_at: Instant
     items: Items
     hold_seconds: HoldSeconds = 600
+
+
+class SaleDoc(SaleIn, forbid_unknown_fields=True, omit_defaults=True):
+    """A sale as stored (Redis's sale hash, its events, Postgres): what ops sent, and the hash
+    tags of its extra slots, chosen once when it was created (``shards.py``) so that every
+    reservation id made in one of them (``S~x.<random>``) finds its keys again after a recover."""
+
+    slots: list[str] = field(default_factory=list)
 
 
 class SalePatch(Struct, forbid_unknown_fields=True):
@@ -103,6 +115,7 @@ class ItemOut(Struct, omit_defaults=True):
     held: int
     per_user_limit: int
     next_release_at: datetime | None = None
+    shards: int = 1
 
 
 class SaleOut(Struct):

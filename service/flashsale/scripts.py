@@ -26,6 +26,11 @@ NAMES = (
     "sale_view",
     "retire",
     "recover_hold",
+    "shard_create",
+    "shard_sync",
+    "shard_give",
+    "shard_take",
+    "shard_done",
 )
 
 
@@ -51,6 +56,11 @@ class Scripts:
     sale_view: Script
     retire: Script
     recover_hold: Script
+    shard_create: Script
+    shard_sync: Script
+    shard_give: Script
+    shard_take: Script
+    shard_done: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import cast
 
-from . import connection
+from . import connection, shards
 from .connection import Client
 from .keys import Keys
 from .reservations import settle
@@ -21,36 +21,65 @@ from .scripts import Scripts
 from .settings import Settings
 
 log = logging.getLogger("flashsale.sweeper")
+MOVE_REPAIR_MS = 2000  # a move of stock still unfinished after this long was cut short by a crash
 
 
 async def sweep_once(redis: Client, keys: Keys, scripts: Scripts, batch: int) -> int:
     """Expires every due hold of every sale, ``batch`` per script call, until none is due (a
-    crowd's holds all fall due together: one batch a tick would fall behind); returns how many."""
+    crowd's holds all fall due together: one batch a tick would fall behind); returns how many.
+    In a sale's extra slots (shards.py) it also brings a copy of the state left behind up to
+    date, and finishes a move of stock a crash cut in half."""
     sale_ids = cast(list[str], await redis.zrange(keys.active, 0, -1))
     if not sale_ids:
         return 0
     pipe = redis.pipeline(transaction=False)
     for sale_id in sale_ids:
-        pipe.hget(keys.sale(sale_id), "skus")
-    pairs = [
-        (s, sku) for s, skus in zip(sale_ids, await pipe.execute(), strict=True) if skus for sku in skus.split(",")
-    ]
+        pipe.hmget(keys.sale(sale_id), ["skus", "slots", "rev"])
+    read = list(zip(sale_ids, await pipe.execute(), strict=True))
+    places = [(s, skus) for s, (skus, _, _) in read]
+    extra = [(s, slot, rev) for s, (_, slots, rev) in read for slot in (slots or "").split(",") if slot]
+    if extra:
+        places += await _upkeep(redis, keys, scripts, extra)
+    pairs = [(slot, sku) for slot, skus in places if skus for sku in skus.split(",")]
     now = now_ms()
     pipe = redis.pipeline(transaction=False)
-    for sale_id, sku in pairs:
-        pipe.zrangebyscore(keys.holds(sale_id, sku), "-inf", now, start=0, num=batch)
+    for slot, sku in pairs:
+        pipe.zrangebyscore(keys.holds(slot, sku), "-inf", now, start=0, num=batch)
     expired = 0
-    for (sale_id, sku), rids in zip(pairs, await pipe.execute(), strict=True):
+    for (slot, sku), rids in zip(pairs, await pipe.execute(), strict=True):
         while rids:
-            expired += await _expire(scripts, keys, sale_id, sku, rids)
+            expired += await _expire(scripts, keys, slot, sku, rids)
             if len(rids) < batch:
                 break
-            rids = await redis.zrangebyscore(keys.holds(sale_id, sku), "-inf", now, start=0, num=batch)
+            rids = await redis.zrangebyscore(keys.holds(slot, sku), "-inf", now, start=0, num=batch)
     return expired
 
 
-async def _expire(scripts: Scripts, keys: Keys, sale_id: str, sku: str, rids: list[str]) -> int:
-    n: int = await settle(scripts, keys, sale_id, sku, "expire", rids)
+async def _upkeep(
+    redis: Client, keys: Keys, scripts: Scripts, extra: list[tuple[str, str, str | None]]
+) -> list[tuple[str, str | None]]:
+    """The extra slots (sale id, slot, the sale's rev) brought up to date, and moves of stock
+    out of any slot of those sales finished; the extra slots' (slot, skus)."""
+    pipe = redis.pipeline(transaction=False)
+    for _, slot, _ in extra:
+        pipe.hmget(keys.sale(slot), ["skus", "rev"])
+    places = []
+    for (sale_id, slot, sale_rev), (skus, rev) in zip(extra, await pipe.execute(), strict=True):
+        places.append((slot, skus))
+        if rev is not None and sale_rev is not None and int(rev) < int(sale_rev):
+            await shards.sync(redis, keys, scripts, sale_id, [slot])
+    every = sorted({s for sale_id, slot, _ in extra for s in (sale_id, slot)})
+    pipe = redis.pipeline(transaction=False)
+    for slot in every:
+        pipe.hlen(keys.moves(slot))
+    for slot, moves in zip(every, await pipe.execute(), strict=True):
+        if moves:
+            await shards.Mover(redis, keys, scripts).repair(slot, now_ms() - MOVE_REPAIR_MS)
+    return places
+
+
+async def _expire(scripts: Scripts, keys: Keys, slot: str, sku: str, rids: list[str]) -> int:
+    n: int = await settle(scripts, keys, slot, sku, "expire", rids)
     return n
 
 

@@ -1,0 +1,32 @@
+-- shard_create: one extra slot of a sale with sharded items (shards.py), made before the sale's
+-- own keys (sale_create.lua) so that no reservation is ever routed to a slot that is not there.
+-- It holds a copy of the sale's state and window, the shares of the items sharded into it, and an
+-- event stream of its own (read by the persister like the sale's).
+-- KEYS[1] the slot's sale hash   fs:{S~x}:sale
+-- KEYS[2] the slot's events      fs:{S~x}:events
+-- KEYS[3..] one item hash per sku, in the order of the skus in ARGV
+-- ARGV[1] sale id   ARGV[2] starts_ms   ARGV[3] ends_ms   ARGV[4] hold_ms   ARGV[5] state
+-- ARGV[6] consumer group name   ARGV[7] the sale document, as sale_create.lua will get it
+-- ARGV[8..] per item, three values: sku, this shard's stock, per_user_limit
+-- Returns {'ok'} (also when an earlier try of the same create made it: its document matches)
+--      or {'err', 'already_exists'}.
+local doc = redis.call('HGET', KEYS[1], 'doc')
+if doc then
+  if doc == ARGV[7] then return {'ok'} end
+  return {'err', 'already_exists'}
+end
+for k = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then return {'err', 'already_exists'} end
+end
+local skus = {}
+for i = 8, #ARGV, 3 do
+  local stock = ARGV[i + 1]
+  redis.call('HSET', KEYS[3 + (i - 8) / 3], 'stock_total', stock, 'available', stock, 'held', 0,
+    'confirmed', 0, 'cancelled', 0, 'expired', 0, 'reservations', 0, 'attempts', 0,
+    'in_flight', 0, 'per_user_limit', ARGV[i + 2])
+  skus[#skus + 1] = ARGV[i]
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', ARGV[5], 'starts_ms', ARGV[2],
+  'ends_ms', ARGV[3], 'hold_ms', ARGV[4], 'skus', table.concat(skus, ','), 'rev', 1, 'doc', ARGV[7])
+redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[6], '0', 'MKSTREAM')
+return {'ok'}
