@@ -6,7 +6,7 @@ SCENARIO ?= flash_crowd
 DURATION ?= 60s
 USERS ?= 2000
 
-.PHONY: run test lint mypy check loadtest bench clean
+.PHONY: run test lint mypy check loadtest bench bench-cluster clean
 
 # Two stamps: the service alone (what `make run` needs), and the service with the development
 # tools (tests, linters, load tests, benchmarks) on top.
@@ -46,6 +46,13 @@ bench: $(VENV)/.installed  ## throughput and latency against reference designs, 
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; } \
 	  || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
+
+bench-cluster: $(VENV)/.installed  ## one hot item with 1, 2, 3 shards on a throwaway 3-master cluster (needs redis-benchmark)
+	@command -v redis-benchmark >/dev/null 2>&1 || { echo "installing redis-benchmark (Debian package redis-tools)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-tools >/dev/null; } \
+	  || { echo "make bench-cluster needs redis-benchmark: apt-get install redis-tools"; exit 1; }
+	$(PY) -m loadtest.cluster_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage* htmlcov .pytest_cache .mypy_cache .ruff_cache

@@ -52,6 +52,7 @@ class Row:
     seconds: float
     per_shard: list[float]  # each generator's own rate
     p99_ms: float
+    server_us: float  # the masters' own time per reserve call (INFO commandstats), mean over them
 
     @property
     def rate(self) -> float:
@@ -119,6 +120,8 @@ async def row(redis: Any, n: int, args: argparse.Namespace) -> Row:
     nodes = [redis.get_node_from_key(keys.sale(slot)) for slot in slots]
     mode = "first" if n > 1 else ""
     each = args.requests // n
+    for node in nodes:
+        await redis.config_resetstat(target_nodes=node)
     started = time.monotonic()
     procs = [
         generate(
@@ -144,9 +147,13 @@ async def row(redis: Any, n: int, args: argparse.Namespace) -> Row:
         assert int(h["available"]) + int(h["held"]) == int(h["stock_total"]), f"{slot}: units do not add up: {h}"
         made += int(h["reservations"])
     assert made <= each * n and made >= each * n * 0.99, f"{made} reservations for {each * n} calls"
-    return Row(
-        n, len({node.name for node in nodes}), each * n, seconds, [r for r, _ in results], max(p for _, p in results)
-    )
+    spent = []
+    for node in nodes:
+        stats = await redis.info("commandstats", target_nodes=node)
+        spent.append(float(stats["cmdstat_evalsha"]["usec_per_call"]))
+    masters = len({node.name for node in nodes})
+    per = [r for r, _ in results]
+    return Row(n, masters, each * n, seconds, per, max(p for _, p in results), sum(spent) / len(spent))
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -165,10 +172,12 @@ async def main(args: argparse.Namespace) -> None:
         cluster.stop()
     base = rows[0].rate
     print()
-    print(f"{'shards':>6} {'masters':>7} {'decisions/s':>12} {'vs 1 shard':>10} {'per generator':>28} {'p99 ms':>7}")
+    head = f"{'shards':>6} {'masters':>7} {'decisions/s':>12} {'vs 1 shard':>10} {'per generator':>28}"
+    print(f"{head} {'p99 ms':>7} {'us/call in Redis':>17}")
     for r in rows:
         per = ", ".join(f"{x:,.0f}" for x in r.per_shard)
-        print(f"{r.shards:>6} {r.masters:>7} {r.rate:>12,.0f} {r.rate / base:>9.2f}x {per:>28} {r.p99_ms:>7.1f}")
+        line = f"{r.shards:>6} {r.masters:>7} {r.rate:>12,.0f} {r.rate / base:>9.2f}x {per:>28}"
+        print(f"{line} {r.p99_ms:>7.1f} {r.server_us:>17.1f}")
     print(f"\nconnections {args.connections} in all, pipeline {args.pipeline}; {shards.__name__} placed the shards")
 
 
