@@ -10,6 +10,7 @@ Rows, each with its ratio to (a):
       a new user and Idempotency-Key on every request), with the persister running
   (c) POST reserve once sold out (409 sold_out)
   (d) GET the sale
+  (g) GET a waiting-room ticket (the poll of one shopper waiting in line, before the start)
   (e) the common design (loadtest/reference.py: pg_stock): stock as a Postgres row with a
       conditional UPDATE and the order INSERT in one transaction
   (f) 1000 connections on the sold-out item, wrk's timeout at 2 s; (f') the same under granian
@@ -297,7 +298,7 @@ def table(rows: list[Result], lag: tuple[int, float, float], d: Drain, args: arg
 # The service as production runs it (INFO: one JSON access line per request), minus the per-user
 # rate limit, which a generator sending from one address would hit.
 SERVICE_ENV = {"FLASHSALE_USER_RATE": "0", "LOG_LEVEL": "INFO"}
-ROWS = ("b", "c", "c'", "d")
+ROWS = ("b", "c", "c'", "d", "g")
 # Settings that switch a lever off, each measured against the service as it runs by default.
 LEVERS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "refusals from memory (FLASHSALE_VERDICT_TTL_MS=0 vs 200)": ({"FLASHSALE_VERDICT_TTL_MS": "0"}, ("c", "c'")),
@@ -323,13 +324,29 @@ def sold_out_sale(s: Stack, sale_id: str, url: str) -> str:
     return sale_id
 
 
+def waiting_ticket(s: Stack, sale_id: str, url: str) -> str | None:
+    """A sale with a waiting room that starts in an hour, and one shopper in its line: their poll
+    path (None from a revision before waiting rooms, under --compare)."""
+    body = sale_body(sale_id, 1000, 1)
+    body["starts_at"] = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    body["waiting_room"] = {"admit_per_s": 100, "abandon_after_s": 3600}
+    ops, store = ({"Authorization": f"Bearer {key}"} for key in (s.ops_key, s.store_key))
+    if httpx.post(f"{url}/v1/sales", json=body, headers=ops, timeout=30).status_code == 422:
+        return None
+    joined = httpx.post(f"{url}/v1/sales/{sale_id}/queue", json={"user_id": "waiter"}, headers=store, timeout=10)
+    joined.raise_for_status()
+    return f"/v1/sales/{sale_id}/queue/{joined.json()['ticket']}?user_id=waiter"
+
+
 class Sales:
-    """The benchmark's sales on one service: one with stock for ever, one sold out."""
+    """The benchmark's sales on one service: one with stock for ever, one sold out, one with a
+    shopper waiting in its line."""
 
     def __init__(self, s: Stack, url: str, tag: str) -> None:
         self.s, self.url = s, url
         self.big = create_sale(s, f"bench-stock-{tag}", 10_000_000, url=url)
         self.gone = sold_out_sale(s, f"bench-gone-{tag}", url)
+        self.poll = waiting_ticket(s, f"bench-room-{tag}", url)
 
     def row(self, name: str, args: argparse.Namespace, label: str = "", connections: int = 0) -> Result:
         s, url = self.s, self.url
@@ -359,6 +376,11 @@ class Sales:
         if name == "d":
             store = (f"Authorization: Bearer {s.store_key}",)
             return measure(label or "(d) GET sale", f"{url}/v1/sales/{self.big}", args, headers=store)
+        if name == "g":
+            if self.poll is None:
+                return Result(f"{label or '(g)'}: no waiting rooms at this revision")
+            store = (f"Authorization: Bearer {s.store_key}",)
+            return measure(label or "(g) GET a waiting-room ticket (poll)", url + self.poll, args, headers=store)
         raise ValueError(f"no row {name!r}")
 
 

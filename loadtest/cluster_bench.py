@@ -118,7 +118,7 @@ async def row(redis: Any, n: int, args: argparse.Namespace) -> Row:
     slots = [sale.id, *(await redis.hget(keys.sale(sale.id), "slots") or "").split(",")][:n]
     await redis.script_load((ROOT / "lua" / "reserve.lua").read_text())  # on every master
     nodes = [redis.get_node_from_key(keys.sale(slot)) for slot in slots]
-    mode = "first" if n > 1 else ""
+    mode = "shard" if n > 1 else ""
     each = args.requests // n
     for node in nodes:
         await redis.config_resetstat(target_nodes=node)

@@ -13,9 +13,9 @@
 -- KEYS[9] user's holds zset fs:{S}:mine:USER  (rid -> created ms: GET .../reservations?user_id=)
 -- ARGV[1] rid  ARGV[2] user_id  ARGV[3] sku  ARGV[4] quantity  ARGV[5] body fingerprint
 -- ARGV[6] idempotency key ('' for none)   ARGV[7] max attempts per user per second (0 = off)
--- ARGV[8] '' for an item in one slot; for one shard of a sharded item (shards.py) 'first', or
---         'again' after stock was moved here: a sold_out is then not counted (only the caller
---         knows whether the item as a whole is sold out) and 'again' is not a new attempt
+-- ARGV[8] '' for an item in one slot; 'shard' for one shard of a sharded item (shards.py): a
+--         sold_out is then answered quietly, counted nowhere (only the caller knows whether the
+--         item as a whole is sold out: it moves stock here and asks again, or counts it)
 -- Returns {'ok', created_ms, expires_ms}, {'replay', earlier rid}
 --      or {'err', code, number}  (number: available units, retry ms, or starts_ms).
 -- Sent twice (a client library resending after a lost connection), it makes one hold: the
@@ -26,13 +26,21 @@ if not sale[1] then return {'err', 'not_found', 0} end
 local limit = redis.call('HGET', KEYS[2], 'per_user_limit')
 if not limit then return {'err', 'not_found', 0} end
 
+-- An attempt is counted once: here at once for an item in one slot; for a shard, with the answer
+-- that ends the request (a quiet sold_out ends nothing: the caller moves stock and asks again,
+-- or counts the sold_out itself).
 local sharded = ARGV[8] ~= ''
+local function count()
+  redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+end
 local function reject(code, n)
-  if not (sharded and code == 'sold_out') then redis.call('HINCRBY', KEYS[2], 'rej:' .. code, 1) end
+  if sharded and code == 'sold_out' then return {'err', code, n} end
+  if sharded then count() end
+  redis.call('HINCRBY', KEYS[2], 'rej:' .. code, 1)
   return {'err', code, n}
 end
 
-if ARGV[8] ~= 'again' then redis.call('HINCRBY', KEYS[2], 'attempts', 1) end
+if not sharded then count() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -41,6 +49,7 @@ if ARGV[6] ~= '' then
   if prior then
     local sep = string.find(prior, '|', 1, true)
     if string.sub(prior, sep + 1) ~= ARGV[5] then return reject('idempotency_conflict', 0) end
+    if sharded then count() end
     return {'replay', string.sub(prior, 1, sep - 1)}
   end
 end
@@ -65,6 +74,7 @@ local mine = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0')
 if mine + qty > tonumber(limit) then return reject('limit_exceeded', tonumber(limit) - mine) end
 
 local expires = now + tonumber(sale[4])
+if sharded then count() end
 redis.call('HINCRBY', KEYS[2], 'available', -qty)
 redis.call('HINCRBY', KEYS[2], 'held', qty)
 redis.call('HINCRBY', KEYS[2], 'reservations', 1)

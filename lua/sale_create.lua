@@ -1,13 +1,15 @@
 -- sale_create: load a new sale (window, state, stock, limits) before the API answers 201.
 -- KEYS[1] sale hash           fs:{S}:sale
 -- KEYS[2] event stream        fs:{S}:events
--- KEYS[3..] one item hash per sku, in the order of the skus in ARGV
+-- KEYS[3] queue state         fs:{S}:queue:state  (made only for a sale with a waiting room)
+-- KEYS[4..] one item hash per sku, in the order of the skus in ARGV
 -- ARGV[1] sale id   ARGV[2] starts_ms   ARGV[3] ends_ms   ARGV[4] hold_ms
 -- ARGV[5] sale document (JSON, names and prices)   ARGV[6] consumer group name
 -- ARGV[7] the state it starts in: 'active' (a new sale) or 'paused' (flashsale recover, which
 --         restores the holds before it lets the sale sell)
 -- ARGV[8] the sale's extra slots (shards.py), comma-separated ('' for none: no item sharded)
--- ARGV[9..] per item, three values: sku, stock (a sharded item: its first shard's), per_user_limit
+-- ARGV[9] the waiting room's admit_per_s ('' for none)   ARGV[10] its abandon_ms   ARGV[11] ttl_ms
+-- ARGV[12..] per item, three values: sku, stock (a sharded item: its first shard's), per_user_limit
 -- Returns {'ok'} or {'err', 'already_exists'}: also when only some of its keys are left (a
 -- partial loss), which must never be overwritten with fresh counters.
 for k = 1, #KEYS do
@@ -16,8 +18,8 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local skus = {}
-for i = 9, #ARGV, 3 do
-  local k = 3 + (i - 9) / 3
+for i = 12, #ARGV, 3 do
+  local k = 4 + (i - 12) / 3
   local stock = ARGV[i + 1]
   redis.call('HSET', KEYS[k], 'stock_total', stock, 'available', stock, 'held', 0,
     'confirmed', 0, 'cancelled', 0, 'expired', 0, 'reservations', 0, 'attempts', 0,
@@ -27,6 +29,10 @@ end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', ARGV[7], 'starts_ms', ARGV[2],
   'ends_ms', ARGV[3], 'hold_ms', ARGV[4], 'doc', ARGV[5], 'skus', table.concat(skus, ','),
   'slots', ARGV[8], 'created_ms', now, 'rev', 1)
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[3], 'admit_per_s', ARGV[9], 'abandon_ms', ARGV[10], 'ttl_ms', ARGV[11],
+    'seq', 0, 'joined', 0, 'admitted', 0, 'expired', 0, 'carry', 0)
+end
 -- The group starts at 0 so the persister sees this sale's very first event.
 redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[6], '0', 'MKSTREAM')
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', ARGV[7],

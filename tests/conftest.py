@@ -25,6 +25,7 @@ from flashsale.api import create_app
 from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from flashsale.keys import Keys
 from flashsale.persister import Persister
+from flashsale.scripts import Scripts
 from flashsale.settings import ROOT, Settings
 
 OPS_KEY = "test-ops-" + secrets.token_hex(8)
@@ -125,6 +126,14 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 def keys(settings: Settings) -> Keys:
     return Keys(settings.key_prefix)
+
+
+@pytest.fixture
+async def scripts(redis: Redis, settings: Settings) -> AsyncIterator[Scripts]:
+    """The Lua scripts on the test's Redis; its pipelines done before the loop closes."""
+    loaded = Scripts.load(redis, settings.lua_dir)
+    yield loaded
+    await loaded.calls.close()
 
 
 @pytest.fixture

@@ -178,23 +178,22 @@ async def test_pause_and_resume_reach_every_shard_before_they_are_answered(
 
 
 async def test_a_shard_whose_copy_of_the_state_fell_behind_is_brought_up_by_the_sweeper(
-    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, scripts: Scripts
 ) -> None:
     sale = await create_sale(client, items=[item(30)])
     slots = await slots_of(redis, keys, sale["id"])
     await redis.hset(keys.sale(slots[2]), mapping={"state": "paused", "rev": 0})  # a sync a crash cut short
     user = users_of(slots[2], slots, 1)[0]
     assert (await reserve(client, sale["id"], user)).json()["error"]["code"] == "sale_paused"
-    await sweep_once(redis, keys, Scripts.load(redis, settings.lua_dir), 100)
+    await sweep_once(redis, keys, scripts, 100)
     assert (await reserve(client, sale["id"], user)).status_code == 201
 
 
 async def test_a_move_a_crash_cut_in_half_is_finished_by_the_sweeper_and_no_unit_is_made_or_lost(
-    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, scripts: Scripts
 ) -> None:
     sale = await create_sale(client, items=[item(9)])
     slots = await slots_of(redis, keys, sale["id"])
-    scripts = Scripts.load(redis, settings.lua_dir)
     k = keys
     given = await scripts.shard_give(
         keys=[k.item(slots[0], "phone"), k.moves(slots[0])], args=["m1", "phone", slots[1], 2]
@@ -215,7 +214,7 @@ async def test_a_move_a_crash_cut_in_half_is_finished_by_the_sweeper_and_no_unit
 
 
 async def test_holds_in_every_shard_expire_and_their_units_sell_again(
-    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, scripts: Scripts
 ) -> None:
     sale = await create_sale(client, hold_seconds=1, items=[item(3, limit=1)])
     slots = await slots_of(redis, keys, sale["id"])
@@ -223,7 +222,7 @@ async def test_holds_in_every_shard_expire_and_their_units_sell_again(
         assert (await reserve(client, sale["id"], users_of(s, slots, 1)[0])).status_code == 201
     assert (await reserve(client, sale["id"], users_of(slots[0], slots, 2)[1])).json()["error"]["code"] == "sold_out"
     await asyncio.sleep(1.1)
-    await sweep_once(redis, keys, Scripts.load(redis, settings.lua_dir), 100)
+    await sweep_once(redis, keys, scripts, 100)
     got = (await client.get(f"/v1/sales/{sale['id']}")).json()["items"][0]
     assert (got["available"], got["held"]) == (3, 0)
     assert (await reserve(client, sale["id"], users_of(slots[0], slots, 2)[1])).status_code == 201
@@ -298,7 +297,13 @@ async def test_the_audit_finds_a_unit_made_in_one_shard(
 
 
 async def test_recover_puts_a_lost_sharded_sale_back_with_holds_limits_and_keys_in_their_shards(
-    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, pg: asyncpg.Connection, worker: Persister
+    client: httpx.AsyncClient,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    scripts: Scripts,
+    pg: asyncpg.Connection,
+    worker: Persister,
 ) -> None:
     sale = await create_sale(client, items=[item(12, limit=2)])
     sid = sale["id"]
@@ -312,7 +317,7 @@ async def test_recover_puts_a_lost_sharded_sale_back_with_holds_limits_and_keys_
     for slot in slots:
         async for key in redis.scan_iter(match=keys.sale_pattern(slot)):
             await redis.delete(key)
-    report = await recover(redis, pg, keys, Scripts.load(redis, settings.lua_dir), sid)
+    report = await recover(redis, pg, keys, scripts, sid)
     assert report.sale_reloaded and report.outcomes["added"] == 6 and not report.problems and not report.oversold
     got = (await client.get(f"/v1/sales/{sid}")).json()
     assert (got["status"], got["items"][0]["available"], got["items"][0]["held"]) == ("live", 0, 12)
@@ -332,7 +337,13 @@ async def test_recover_puts_a_lost_sharded_sale_back_with_holds_limits_and_keys_
 
 
 async def test_recover_makes_a_lost_shard_again_with_its_holds_while_the_other_shards_keep_theirs(
-    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, pg: asyncpg.Connection, worker: Persister
+    client: httpx.AsyncClient,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    scripts: Scripts,
+    pg: asyncpg.Connection,
+    worker: Persister,
 ) -> None:
     sale = await create_sale(client, items=[item(12, limit=2)])
     sid = sale["id"]
@@ -345,7 +356,7 @@ async def test_recover_makes_a_lost_shard_again_with_its_holds_while_the_other_s
     await drained(redis, keys, sid)
     async for key in redis.scan_iter(match=keys.sale_pattern(slots[2])):  # its master came back empty
         await redis.delete(key)
-    report = await recover(redis, pg, keys, Scripts.load(redis, settings.lua_dir), sid)
+    report = await recover(redis, pg, keys, scripts, sid)
     assert report.slots_remade == [slots[2]] and not report.sale_reloaded and not report.problems
     assert report.outcomes["added"] == 3 and report.outcomes["kept"] == 1 and not report.oversold
     got = (await client.get(f"/v1/sales/{sid}")).json()
@@ -358,3 +369,135 @@ async def test_recover_makes_a_lost_shard_again_with_its_holds_while_the_other_s
     assert sum(n["stock_total"] for n in numbers) == 12
     await drained(redis, keys, sid)
     assert (await reconcile(redis, pg, keys, sid)).differences == []
+
+
+async def test_recover_evens_out_the_shards_before_it_lets_the_sale_sell_so_nothing_is_sold_twice(
+    client: httpx.AsyncClient,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    scripts: Scripts,
+    pg: asyncpg.Connection,
+    worker: Persister,
+) -> None:
+    sale = await create_sale(client, items=[item(10, shards=2, limit=1)])
+    sid = sale["id"]
+    slots = await slots_of(redis, keys, sid)
+    for u in users_of(slots[0], slots, 8):  # most holds in one shard: units moved there first
+        assert (await reserve(client, sid, u)).status_code == 201
+    await drained(redis, keys, sid)
+    for slot in slots:
+        async for key in redis.scan_iter(match=keys.sale_pattern(slot)):
+            await redis.delete(key)
+    report = await recover(redis, pg, keys, scripts, sid)
+    assert not report.oversold and not report.problems
+    numbers = await shard_numbers(redis, keys, slots)
+    assert all(n["available"] >= 0 for n in numbers), numbers
+    late = [(await reserve(client, sid, u)).status_code for u in users_of(slots[1], slots, 5)]
+    assert late.count(201) == 2  # 10 units, 8 held
+    got = (await client.get(f"/v1/sales/{sid}")).json()["items"][0]
+    assert (got["available"], got["held"]) == (0, 10)
+
+
+async def test_one_idempotency_key_for_two_items_of_a_sharded_sale_is_a_conflict_whichever_comes_first(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    case = {"sku": "case", "name": "Case", "price_cents": 5, "stock": 5, "per_user_limit": 5}
+    sale = await create_sale(client, items=[item(30, limit=3), case])
+    sid = sale["id"]
+    slots = await slots_of(redis, keys, sid)
+    for n, user in enumerate(users_of(slots[1], slots, 2)):
+        first, second = ("phone", "case") if n == 0 else ("case", "phone")
+        body = {"user_id": user, "quantity": 1}
+        a = await client.post(
+            f"/v1/sales/{sid}/reservations", json=body | {"sku": first}, headers={"Idempotency-Key": "k"}
+        )
+        b = await client.post(
+            f"/v1/sales/{sid}/reservations", json=body | {"sku": second}, headers={"Idempotency-Key": "k"}
+        )
+        assert a.status_code == 201 and (b.status_code, b.json()["error"]["code"]) == (422, "idempotency_conflict")
+        again = await client.post(
+            f"/v1/sales/{sid}/reservations", json=body | {"sku": first}, headers={"Idempotency-Key": "k"}
+        )
+        assert (again.status_code, again.json()["reservation_id"]) == (200, a.json()["reservation_id"])
+    await drained(redis, keys, sid)
+    assert (await reconcile(redis, pg, keys, sid)).differences == []
+
+
+async def test_a_refused_attempt_on_a_sharded_item_leaves_its_key_free_for_another_body(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = await create_sale(client, items=[item(2, limit=5)])
+    refused = await reserve(client, sale["id"], "alice", 3, key="k")
+    assert refused.json()["error"]["code"] == "sold_out"
+    assert (await reserve(client, sale["id"], "alice", 2, key="k")).status_code == 201
+
+
+async def test_a_lost_extra_slot_does_not_stop_the_persister_for_any_other_sale(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    sharded = await create_sale(client, items=[item(9)])
+    slots = await slots_of(redis, keys, sharded["id"])
+    await asyncio.sleep(1.2)  # the persister has listed the sharded sale's streams
+    async for key in redis.scan_iter(match=keys.sale_pattern(slots[2])):
+        await redis.delete(key)
+    other = await create_sale(client)
+    made = (await reserve(client, other["id"], "alice")).json()
+    await drained(redis, keys, other["id"])
+    assert await pg.fetchval("SELECT count(*) FROM reservations WHERE id = $1", made["reservation_id"]) == 1
+
+
+async def test_a_move_into_a_lost_slot_waits_for_recover_which_makes_the_slot_again_and_counts_it(
+    client: httpx.AsyncClient,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    scripts: Scripts,
+    pg: asyncpg.Connection,
+    worker: Persister,
+) -> None:
+    sale = await create_sale(client, items=[item(9)])
+    sid = sale["id"]
+    slots = await slots_of(redis, keys, sid)
+    await scripts.shard_give(
+        keys=[keys.item(slots[0], "phone"), keys.moves(slots[0])], args=["m1", "phone", slots[2], 2]
+    )
+    await redis.hset(keys.moves(slots[0]), "m1", f"phone|{slots[2]}|2|0")
+    async for key in redis.scan_iter(match=keys.sale_pattern(slots[2])):
+        await redis.delete(key)
+    await sweep_once(redis, keys, scripts, 100)  # the repair cannot finish it: the slot is gone
+    assert [k async for k in redis.scan_iter(match=keys.sale_pattern(slots[2]))] == []
+    await drained(redis, keys, sid)
+    report = await recover(redis, pg, keys, scripts, sid)
+    assert report.slots_remade == [slots[2]] and not report.problems, report.table()
+    await sweep_once(redis, keys, scripts, 100)  # now it can
+    numbers = await shard_numbers(redis, keys, slots)
+    assert sum(n["stock_total"] for n in numbers) == 9 and all(n["in_flight"] == 0 for n in numbers)
+    assert (await client.get(f"/v1/sales/{sid}")).json()["status"] == "live"
+
+
+async def test_each_attempt_on_a_sharded_item_is_counted_once(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = await create_sale(client, items=[item(3, limit=5)])
+    slots = await slots_of(redis, keys, sale["id"])
+    user = users_of(slots[1], slots, 1)[0]
+    assert (await reserve(client, sale["id"], user, 2)).status_code == 201  # units moved in: still one attempt
+    assert (await reserve(client, sale["id"], user, 2)).json()["error"]["code"] == "sold_out"
+    progress = (await client.get(f"/v1/sales/{sale['id']}/progress", headers=OPS)).json()
+    phone = progress["items"][0]
+    assert (phone["attempts"], phone["reservations"], phone["rejected"]) == (2, 1, {"sold_out": 1})
+
+
+async def test_a_sharded_create_that_crashed_half_way_leaves_the_id_free_for_another_body(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, scripts: Scripts
+) -> None:
+    sid = "half-made"
+    await scripts.shard_create(  # the first slot of a create that died before the sale's own keys
+        keys=[keys.sale(f"{sid}~1"), keys.events(f"{sid}~1"), keys.item(f"{sid}~1", "phone")],
+        args=[sid, 0, 1, 1000, "active", "persister", "{}", "phone", 5, 1],
+    )
+    sale = await create_sale(client, sale_id=sid, items=[item(30)])
+    assert sale["items"][0]["stock_total"] == 30
+    slots = await slots_of(redis, keys, sid)
+    assert sum(n["stock_total"] for n in await shard_numbers(redis, keys, slots)) == 30

@@ -1,4 +1,5 @@
-"""Ops endpoints that run a sale: list, change before start, pause, resume, end, restock."""
+"""Ops endpoints that run a sale: list, change before start, pause, resume, end, restock, and its
+waiting room's admissions a second or its close."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .sales import Sales
-from .schemas import RestockIn, SalePatch
+from .schemas import QueuePatch, RestockIn, SalePatch
 from .web import authorize, body, json, limit, slug
 
 DEFAULT_LIMIT = 50
@@ -50,6 +51,17 @@ async def restock(request: Request) -> Response:
     return json(await sales.restock(sale_id, sku, ask.quantity))
 
 
+async def update_queue(request: Request) -> Response:
+    room = authorize(request, "ops").room
+    ask = await body(request, QueuePatch)
+    return json(await room.set_rate(slug(request, "sale_id"), ask.admit_per_s))
+
+
+async def close_queue(request: Request) -> Response:
+    room = authorize(request, "ops").room
+    return json(await room.close(slug(request, "sale_id")))
+
+
 ROUTES: list[BaseRoute] = [
     Route("/v1/sales", list_sales, methods=["GET"]),
     Route("/v1/sales/{sale_id}", update_sale, methods=["PATCH"]),
@@ -57,4 +69,6 @@ ROUTES: list[BaseRoute] = [
     _control("resume"),
     _control("end"),
     Route("/v1/sales/{sale_id}/items/{sku}/restock", restock, methods=["POST"]),
+    Route("/v1/sales/{sale_id}/queue", update_queue, methods=["PATCH"]),
+    Route("/v1/sales/{sale_id}/queue", close_queue, methods=["DELETE"]),
 ]

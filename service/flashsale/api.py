@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from . import admin, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper
+from . import admin, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper, waiting
 from .auth import KeyRing
 from .coalesce import Coalescer
 from .errors import ApiError, store_unavailable
@@ -28,6 +28,7 @@ from .settings import Settings
 from .shards import Mover, Routes
 from .tally import Tally
 from .verdicts import Verdicts
+from .waiting import Room, Tokens
 from .web import Services, authorize, body, json, limit, services, slug, user_id
 
 log = logging.getLogger("flashsale.api")
@@ -150,15 +151,27 @@ def create_app(settings: Settings) -> Starlette:
         scripts = Scripts.load(redis, settings.lua_dir, Coalescer(redis))
         verdicts = Verdicts(settings.verdict_ttl_ms / 1000)
         tally = Tally(redis, keys)
+        tokens = Tokens(settings.signing_secret)
+        sales = Sales(redis, keys, scripts)
+        room = Room(redis, keys, scripts, tokens)
         app.state.services = Services(
             settings=settings,
             redis=redis,
             pool=pool,
             keyring=KeyRing.build(settings.ops_keys, settings.storefront_keys),
-            sales=Sales(redis, keys, scripts),
+            sales=sales,
             reservations=Reservations(
-                redis, keys, scripts, settings, verdicts, tally, Routes(redis, keys), Mover(redis, keys, scripts)
+                redis,
+                keys,
+                scripts,
+                settings,
+                verdicts,
+                tally,
+                Routes(redis, keys),
+                Mover(redis, keys, scripts),
+                tokens,
             ),
+            room=room,
         )
         app.state.openapi = openapi.document()
         app.state.monitor = monitor.Monitor(redis, pool, keys, tally)
@@ -167,6 +180,7 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper"),
             asyncio.create_task(invalidation.listen(listener, keys.changes, verdicts, stop), name="invalidation"),
             asyncio.create_task(tally.run(settings.tally_interval_ms / 1000, stop), name="tally"),
+            asyncio.create_task(waiting.run(room, sales, stop), name="waiting-room"),
         ]
         try:
             yield

@@ -13,6 +13,7 @@ STATUS: dict[str, int] = {
     "invalid_request": 422,
     "unauthorized": 401,
     "forbidden": 403,
+    "not_admitted": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "sold_out": 409,
@@ -31,6 +32,7 @@ STATUS: dict[str, int] = {
 
 MESSAGES: dict[str, str] = {
     "sold_out": "not enough stock left for the quantity asked",
+    "not_admitted": "this sale has a waiting room: join it, and send the Admission-Token it gives when admitted",
     "limit_exceeded": "this would take the user past the item's per-user limit",
     "sale_not_started": "the sale has not started yet",
     "sale_paused": "the sale is paused; try again later",

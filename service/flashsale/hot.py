@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import connection, metrics
 from .errors import ApiError, store_unavailable
-from .schemas import ReserveIn, encoder
-from .web import Disconnected, Services, decode, read, valid_slug
+from .schemas import QueueIn, ReserveIn, encoder
+from .waiting import TICKET
+from .web import Disconnected, Services, decode, read, valid_slug, valid_user_id
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
 JSON = (b"content-type", b"application/json")
@@ -64,7 +66,9 @@ def _services(scope: Scope) -> Services:
 
 async def reserve(scope: Scope, receive: Receive) -> Answer:
     svc = _services(scope)
-    authorization, key, length = headers(scope, b"authorization", b"idempotency-key", b"content-length")
+    authorization, key, length, token = headers(
+        scope, b"authorization", b"idempotency-key", b"content-length", b"admission-token"
+    )
     svc.keyring.require(authorization, "storefront")
     sale_id = valid_slug(scope["path_params"]["sale_id"], "sale_id")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
@@ -72,7 +76,7 @@ async def reserve(scope: Scope, receive: Receive) -> Answer:
             "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
         )
     ask = decode(await read(receive, length or ""), ReserveIn)
-    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key)
+    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key, token)
     if isinstance(outcome, ApiError):  # a refusal is an answer, not an exception: no raise on the hot path
         metrics.reserved(outcome.code)
         return outcome.answer()
@@ -88,7 +92,32 @@ async def get_sale(scope: Scope, receive: Receive) -> Answer:
     return 200, await svc.sales.view_json(valid_slug(scope["path_params"]["sale_id"], "sale_id")), []
 
 
+async def join_queue(scope: Scope, receive: Receive) -> Answer:
+    svc = _services(scope)
+    authorization, length = headers(scope, b"authorization", b"content-length")
+    svc.keyring.require(authorization, "storefront")
+    sale_id = valid_slug(scope["path_params"]["sale_id"], "sale_id")
+    ask = decode(await read(receive, length or ""), QueueIn)
+    ticket, created = await svc.room.join(sale_id, ask.user_id)
+    return 201 if created else 200, encoder.encode(ticket), []
+
+
+async def poll_queue(scope: Scope, receive: Receive) -> Answer:
+    """A waiting ticket's poll, the crowd's most frequent call while it waits: one script call."""
+    svc = _services(scope)
+    (authorization,) = headers(scope, b"authorization")
+    svc.keyring.require(authorization, "storefront")
+    sale_id = valid_slug(scope["path_params"]["sale_id"], "sale_id")
+    ticket = scope["path_params"]["ticket"]
+    user = valid_user_id(parse_qs(scope["query_string"].decode("latin-1")).get("user_id", [""])[0])
+    if not TICKET.match(ticket):
+        raise ApiError("not_found", "no such ticket for this user")
+    return 200, encoder.encode(await svc.room.poll(sale_id, ticket, user)), []
+
+
 ROUTES = [
     Route("/v1/sales/{sale_id}/reservations", Endpoint(reserve), methods=["POST"]),
     Route("/v1/sales/{sale_id}", Endpoint(get_sale), methods=["GET"]),
+    Route("/v1/sales/{sale_id}/queue", Endpoint(join_queue), methods=["POST"]),
+    Route("/v1/sales/{sale_id}/queue/{ticket}", Endpoint(poll_queue), methods=["GET"]),
 ]

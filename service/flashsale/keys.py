@@ -53,6 +53,11 @@ class Keys:
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 
+    # STRING, PX ~1 s: whoever holds it runs the waiting rooms' admission tick (waiting.py).
+    @property
+    def queue_lock(self) -> str:
+        return f"{self.prefix}:queue:lock"
+
     # PUB/SUB channel (not a key: nothing is stored). Every script that can make a refused
     # reservation succeed (units back from a cancel, an expiry or a restock; a state or window
     # change) publishes the sale id here in the same atomic step, and every API process drops
@@ -74,6 +79,11 @@ class Keys:
     # HASH in an extra slot: the sale's state, window and hold length as the sale hash has them
     # (copied there by lua/shard_sync.lua, rev by rev), and the skus sharded into it.
     # reserve.lua reads it as the sale hash. Lives with the sale.
+    # STRING, PX 30 s: a create of a sale with sharded items in progress (its extra slots come
+    # first), so that two creates of one id never write each other's slots.
+    def creating(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:creating"
+
     # HASH per item: stock_total, available, held, confirmed, cancelled, expired (units),
     # reservations, attempts, rej:<code> counters, per_user_limit; in a shard, also in_flight
     # (units given to another shard that has not been told it has them yet). Lives with the sale.
@@ -130,6 +140,30 @@ class Keys:
     # adds its units once. Lives with the sale.
     def received(self, slot: str) -> str:
         return f"{self._sale(slot)}:received"
+
+    # The waiting room of a sale (waiting.py), in the sale's slot, all living with the sale:
+    # HASH admit_per_s, abandon_ms, ttl_ms (its settings; admit_per_s changed live by ops), seq
+    # (places given after the start), joined, admitted, expired (counts), tick_ms and carry (the
+    # last tick and what was left of its allowance), closed (the reason, once closed: final).
+    def queue_state(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:queue:state"
+
+    # ZSET ticket -> place, of the tickets waiting: admission goes in this order.
+    def queue(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:queue"
+
+    # ZSET ticket -> ms of its last poll, of the tickets waiting: the tick expires the oldest.
+    def queue_polls(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:queue:polls"
+
+    # HASH user_id -> their ticket.
+    def queue_users(self, sale_id: str) -> str:
+        return f"{self._sale(sale_id)}:queue:users"
+
+    # HASH per ticket: user, status (waiting, admitted, closed, expired), place, joined_ms,
+    # admitted_ms or expired_ms, reason (when closed).
+    def ticket(self, sale_id: str, ticket: str) -> str:
+        return f"{self._sale(sale_id)}:ticket:{ticket}"
 
     def sale_pattern(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:*"

@@ -183,7 +183,21 @@ class FromRedis(Collector):
         differences = GaugeMetricFamily(
             "flashsale_sale_drift", "Differences the live audit finds (units, Redis against Postgres)", labels=sale
         )
+        waiting = GaugeMetricFamily(
+            "flashsale_waiting_room_tickets", "Tickets waiting in the sale's waiting room", labels=sale
+        )
+        tickets = CounterMetricFamily(
+            "flashsale_waiting_room", "Waiting-room tickets by what became of them", labels=[*sale, "outcome"]
+        )
+        wait = GaugeMetricFamily(
+            "flashsale_waiting_room_estimated_wait_seconds", "Estimated wait for one joining now", labels=sale
+        )
         for p in self.sales:
+            if p.queue is not None:
+                waiting.add_metric([p.sale_id], p.queue.waiting)
+                wait.add_metric([p.sale_id], p.queue.estimated_wait_s)
+                for outcome in ("joined", "admitted", "expired", "closed_told"):
+                    tickets.add_metric([p.sale_id, outcome], getattr(p.queue, outcome))
             for i in p.items:
                 at = [p.sale_id, i.sku]
                 total.add_metric(at, i.stock_total)
@@ -201,6 +215,7 @@ class FromRedis(Collector):
             if p.persisted is not None:
                 persisted.add_metric([p.sale_id], p.persisted)
         yield from (total, units, made, attempts, rejected, backlog, age, dead, persisted, drift, differences)
+        yield from (waiting, tickets, wait)
 
 
 def _registry(collectors: Iterable[Collector]) -> CollectorRegistry:

@@ -21,7 +21,7 @@ import time
 from base64 import b64encode
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, cast
@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from . import connection, metrics, shards
+from . import connection, metrics, shards, waiting
 from .audit import conservation, drift
 from .connection import Client
 from .errors import ApiError
@@ -76,6 +76,10 @@ class Counters:
     reservations: int
     attempts: int
     rejected: dict[str, int]
+    queue: dict[str, int] = field(default_factory=dict)  # the waiting room's counts (QUEUE_RATES)
+
+
+QUEUE_RATES = ("joined", "admitted", "expired", "closed_told")
 
 
 def _rates(older: list[Counters], now: Counters, window_s: int) -> Rates:
@@ -92,6 +96,7 @@ def _rates(older: list[Counters], now: Counters, window_s: int) -> Rates:
         reservations=per_s(now.reservations, base.reservations),
         attempts=per_s(now.attempts, base.attempts),
         rejected={code: per_s(n, base.rejected.get(code, 0)) for code, n in now.rejected.items()},
+        queue={name: per_s(n, base.queue.get(name, 0)) for name, n in now.queue.items()},
     )
 
 
@@ -159,8 +164,11 @@ class Monitor:
         if self.tally is not None:
             await self.tally.flush()
         at, status, items, audited, slots = await self._snapshot(sale_id)
-        queue, persisted, workers = await asyncio.gather(
-            backlog(self.redis, self.keys, sale_id, slots), self._persisted(sale_id), self.workers_alive()
+        queue, persisted, workers, room = await asyncio.gather(
+            backlog(self.redis, self.keys, sale_id, slots),
+            self._persisted(sale_id),
+            self.workers_alive(),
+            waiting.stats(self.redis, self.keys, sale_id),
         )
         rejected: dict[str, int] = {}
         for i in items:
@@ -171,6 +179,7 @@ class Monitor:
             reservations=sum(i.reservations for i in items),
             attempts=sum(i.attempts for i in items),
             rejected=rejected,
+            queue={} if room is None else {f: getattr(room, f) for f in QUEUE_RATES},
         )
         self.computed += 1
         return SaleProgress(
@@ -192,6 +201,7 @@ class Monitor:
                 ),
                 *(d for d in audited if d.startswith("postgres: ")),
             ],
+            queue=room,
         )
 
     async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str], list[str]]:

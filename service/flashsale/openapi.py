@@ -14,6 +14,9 @@ from .schemas import (
     Error,
     Health,
     ItemOut,
+    QueueIn,
+    QueuePatch,
+    QueueProgress,
     Reservation,
     ReservationList,
     ReserveIn,
@@ -22,6 +25,7 @@ from .schemas import (
     SaleOut,
     SalePage,
     SalePatch,
+    Ticket,
 )
 
 REF = "#/components/schemas/{name}"
@@ -91,6 +95,16 @@ IDEMPOTENCY = {
 }
 
 
+ADMISSION = {
+    "name": "Admission-Token",
+    "in": "header",
+    "required": False,
+    "description": "For a sale with a waiting room (required there: 403 not_admitted without a valid one): "
+    "the token an admitted ticket's poll gave this user for this sale",
+    "schema": {"type": "string", "maxLength": 200},
+}
+
+
 def _admin_paths() -> dict[str, Any]:
     """Paths of admin.ROUTES."""
     sku = _path("sku", "^[A-Za-z0-9_-]{1,64}$")
@@ -125,6 +139,21 @@ def _admin_paths() -> dict[str, Any]:
         "/v1/sales/{sale_id}/pause": control("Pause: no new holds until resumed (409 invalid_state once ended)"),
         "/v1/sales/{sale_id}/resume": control("Resume a paused sale (409 invalid_state once ended)"),
         "/v1/sales/{sale_id}/end": control("End the sale for good; ending an ended sale changes nothing"),
+        "/v1/sales/{sale_id}/queue": {
+            "patch": _op(
+                "Change the waiting room's admissions a second, live",
+                ok={200: QueueProgress},
+                role="ops",
+                body=QueuePatch,
+                params=[SALE_ID],
+            ),
+            "delete": _op(
+                "Close the waiting room for good: every waiting ticket is told closed (closed_by_ops)",
+                ok={200: QueueProgress},
+                role="ops",
+                params=[SALE_ID],
+            ),
+        },
         "/v1/sales/{sale_id}/items/{sku}/restock": {
             "post": _op(
                 "Add units to an item's stock_total and available at once (409 invalid_state once ended)",
@@ -240,6 +269,10 @@ def document() -> bytes:
         RestockIn,
         SalePage,
         ItemOut,
+        QueueIn,
+        QueuePatch,
+        QueueProgress,
+        Ticket,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     paths: dict[str, Any] = {
@@ -278,6 +311,23 @@ def document() -> bytes:
             "post": _op("Release the units back to stock", ok={200: Reservation}, body=CancelIn, params=[RID])
         },
     }
+    ticket = _path("ticket", "^[A-Za-z0-9_-]{22}$")
+    paths["/v1/sales/{sale_id}/queue"] = {
+        "post": _op(
+            "Join the sale's waiting room: 201 a new ticket, 200 the user's ticket again",
+            ok={201: Ticket, 200: Ticket},
+            body=QueueIn,
+            params=[SALE_ID],
+        )
+    }
+    paths["/v1/sales/{sale_id}/queue/{ticket}"] = {
+        "get": _op(
+            "Where the ticket stands; polling keeps its place. Admitted: the Admission-Token to reserve with",
+            ok={200: Ticket},
+            params=[SALE_ID, ticket, USER_QUERY],
+        )
+    }
+    paths["/v1/sales/{sale_id}/reservations"]["post"]["parameters"].append(ADMISSION)
     paths["/v1/sales/{sale_id}/reservations"]["get"] = _op(
         "A user's reservations in the sale, newest first (every status)",
         ok={200: ReservationList},

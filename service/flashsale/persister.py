@@ -64,12 +64,12 @@ WHERE reservations.status = 'held' AND EXCLUDED.status <> 'held'
 """
 
 UPSERT_SALE = """
-INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots)
-VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8)
+INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots, waiting_room)
+VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8, $9::jsonb)
 ON CONFLICT (id) DO UPDATE SET
     name = EXCLUDED.name, starts_at = EXCLUDED.starts_at, ends_at = EXCLUDED.ends_at,
     hold_seconds = EXCLUDED.hold_seconds, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at,
-    slots = EXCLUDED.slots
+    slots = EXCLUDED.slots, waiting_room = EXCLUDED.waiting_room
 WHERE sales.changed_at <= EXCLUDED.changed_at
 """
 
@@ -140,7 +140,16 @@ async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
     doc = msgspec.json.decode(sale["doc"], type=SaleDoc)
     at = int(sale["at_ms"])
     await conn.execute(
-        UPSERT_SALE, sale_id, doc.name, doc.starts_at, doc.ends_at, doc.hold_seconds, sale["state"], at, doc.slots
+        UPSERT_SALE,
+        sale_id,
+        doc.name,
+        doc.starts_at,
+        doc.ends_at,
+        doc.hold_seconds,
+        sale["state"],
+        at,
+        doc.slots,
+        None if doc.waiting_room is None else msgspec.json.encode(doc.waiting_room).decode(),
     )
     await conn.execute(
         UPSERT_ITEMS,
@@ -187,18 +196,17 @@ class Persister:
             active = cast(list[tuple[str, float]], await self.redis.zrange(self.keys.active, 0, -1, withscores=True))
             pipe = self.redis.pipeline(transaction=False)
             for s, _ in active:
-                pipe.exists(self.keys.events(s))
                 pipe.hget(self.keys.sale(s), "slots")
-            got = await pipe.execute()
             self._slots = {
-                s: [x for x in (slots or "").split(",") if x] for (s, _), slots in zip(active, got[1::2], strict=True)
+                s: [x for x in (slots or "").split(",") if x]
+                for (s, _), slots in zip(active, await pipe.execute(), strict=True)
             }
-            self._streams = {
-                self.keys.events(slot): s
-                for (s, _), e in zip(active, got[::2], strict=True)
-                if e
-                for slot in (s, *self._slots[s])
-            }
+            # Only streams that are there: one a lost slot took with it would fail every read (NOGROUP).
+            every = [(self.keys.events(slot), s) for s, _ in active for slot in (s, *self._slots[s])]
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, _ in every:
+                pipe.exists(stream)
+            self._streams = {stream: s for (stream, s), e in zip(every, await pipe.execute(), strict=True) if e}
             self._until = dict(active)
             self._streams_at = time.monotonic()
         return self._streams
@@ -219,6 +227,8 @@ class Persister:
             for slot, skus in places:
                 for sku in filter(None, (skus or "").split(",")):
                     pipe.zcard(self.keys.holds(slot, sku))
+                if extra:
+                    pipe.hlen(self.keys.moves(slot))  # a move a crash cut short: the sweeper must finish it
             if any(await pipe.execute()):
                 continue
             stream = self.keys.events(sale_id)  # made with its group by sale_create

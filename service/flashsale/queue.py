@@ -35,7 +35,10 @@ async def backlog(redis: Client, keys: Keys, sale_id: str, extra: Sequence[str] 
 
 
 async def _stream(redis: Client, stream: str) -> tuple[int, list[int]]:
-    """Events of one stream not yet in Postgres, and the time of the oldest (none: [])."""
+    """Events of one stream not yet in Postgres, and the time of the oldest (none: []). A stream
+    that is not there (an extra slot its master lost) has none."""
+    if not await redis.exists(stream):
+        return 0, []
     pipe = redis.pipeline(transaction=True)
     pipe.xinfo_groups(stream)
     pipe.xpending(stream, GROUP)

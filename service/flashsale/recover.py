@@ -49,8 +49,8 @@ from . import shards
 from .connection import Client
 from .keys import GROUP, Keys
 from .reservations import fingerprint, slot_of
-from .sales import Sales, ms
-from .schemas import ItemIn, SaleDoc
+from .sales import Sales, ms, now_ms
+from .schemas import ItemIn, SaleDoc, WaitingRoom
 from .scripts import Scripts
 
 BATCH = 500  # reservations put back per round of calls
@@ -116,11 +116,18 @@ async def recover(
         return report
     if present and lost:
         # Extra slots of a sharded item lost with their master: made again, with the units no
-        # surviving shard accounts for, while the sale is paused; their holds come back below.
-        resume_after = await redis.hget(keys.sale(sale_id), "state") == "active"
+        # surviving shard accounts for, while the sale is paused (if it still sells: holds of an
+        # ended sale come back too, to be confirmed or expired); their holds come back below.
+        state, ends = cast(list[str], await redis.hmget(keys.sale(sale_id), ["state", "ends_ms"]))
+        resume_after = state == "active" and int(ends) > now_ms()
         if resume_after:
             await sales.pause(sale_id)
-        await _remake(redis, keys, scripts, sale_id, lost)
+        try:
+            await _remake(redis, keys, scripts, sale_id, lost)
+        except BaseException:
+            if resume_after:  # nothing was made again: the sale sells as it did before recover
+                await sales.resume(sale_id)
+            raise
         report.slots_remade = lost
         say(f"slots {', '.join(lost)} of sale {sale_id} made again, the sale paused while their holds come back")
     if not present:
@@ -148,14 +155,14 @@ async def recover(
                 say(f"  {done:,} / {total:,} reservations")
                 batch = []
         report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
+    for item in doc.items:  # while still paused: a shard left short must not sell first
+        available = await _balance(redis, keys, scripts, shards.slots_of(doc, item), item.sku)
+        if available < 0:
+            report.oversold[item.sku] = -available
     if (report.sale_reloaded and sale["state"] == "active") or resume_after:
         await sales.resume(sale_id)
     elif report.sale_reloaded and sale["state"] == "ended":
         await sales.end(sale_id)
-    for item in doc.items:
-        available = await _balance(redis, keys, scripts, shards.slots_of(doc, item), item.sku)
-        if available < 0:
-            report.oversold[item.sku] = -available
     return report
 
 
@@ -206,9 +213,11 @@ async def _balance(redis: Client, keys: Keys, scripts: Scripts, slots: list[str]
 def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleDoc:
     """The sale as it was created, its stock as Postgres last knew it (restocks included), its
     extra slots where they were (every reservation id names its slot)."""
+    room = sale["waiting_room"]
     return SaleDoc(
         id=sale["id"],
         slots=list(sale["slots"]),
+        waiting_room=None if room is None else msgspec.json.decode(room, type=WaitingRoom),
         name=sale["name"],
         starts_at=sale["starts_at"],
         ends_at=sale["ends_at"],

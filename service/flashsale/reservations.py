@@ -9,6 +9,7 @@ tick's pipeline): a retry of a reservation that succeeded must get that reservat
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 import re
@@ -27,6 +28,7 @@ from .scripts import Scripts
 from .settings import Settings
 from .tally import Tally
 from .verdicts import Verdicts
+from .waiting import Tokens
 
 # The slot the reservation lives in (its sale id, and "~x" in an extra slot of a sharded item:
 # shards.py), then 128 random bits.
@@ -119,13 +121,21 @@ class Reservations:
     tally: Tally
     routes: shards.Routes
     mover: shards.Mover
+    tokens: Tokens
 
     async def reserve(
-        self, sale_id: str, user_id: str, sku: str, quantity: int, idempotency_key: str | None
+        self,
+        sale_id: str,
+        user_id: str,
+        sku: str,
+        quantity: int,
+        idempotency_key: str | None,
+        admission_token: str | None = None,
     ) -> tuple[Reservation, bool] | ApiError:
         """The reservation and whether this call created it (False: a replay), or the refusal."""
-        k = self.keys
         idem = idempotency_key or ""
+        if await self.routes.waiting_room(sale_id):
+            self.tokens.check(sale_id, user_id, admission_token)  # in memory: 403 not_admitted
         verdict = self.verdicts.recall(sale_id, sku, quantity)
         if verdict is not None and idem:
             # A key that made a reservation gets it back (a replay): only the script can say. Recalled
@@ -137,53 +147,98 @@ class Reservations:
             metrics.from_memory(verdict.code)
             return reject(verdict.code, verdict.number)
         slots = await self.routes.item(sale_id, sku)
+        if len(slots) == 1:
+            outcome = await self._reserve_in(sale_id, sale_id, user_id, sku, quantity, idem, "")
+        else:
+            outcome = await self._reserve_sharded(sale_id, slots, user_id, sku, quantity, idem)
+        if not isinstance(outcome, ApiError):
+            return outcome
+        if outcome.code == "not_found":
+            self.routes.forget(sale_id)  # made again since (flashsale recover, or by ops): read it anew
+        return outcome
+
+    async def _reserve_in(
+        self, sale_id: str, slot: str, user_id: str, sku: str, quantity: int, idem: str, mode: str
+    ) -> tuple[Reservation, bool] | ApiError:
+        """One call to lua/reserve.lua in ``slot``; a refusal that holds for everyone is remembered."""
+        k = self.keys
+        ticket = self.verdicts.ticket(sale_id)
+        rid = new_rid(slot)
+        result = await self.scripts.reserve(
+            keys=[
+                k.sale(slot),
+                k.item(slot, sku),
+                k.users(slot, sku),
+                k.holds(slot, sku),
+                k.reservation(slot, rid),
+                k.events(slot),
+                k.idempotency(slot, user_id, idem),
+                k.rate(slot, user_id),
+                k.user_reservations(slot, user_id),
+            ],
+            args=[rid, user_id, sku, quantity, fingerprint(sku, quantity), idem, self.settings.user_rate_per_s, mode],
+        )
+        if result[0] == "ok":
+            _, created, expires = result
+            values = [rid, sku, user_id, str(quantity), "held", created, expires, None, None]
+            return to_reservation(sale_id, values), True
+        if result[0] == "replay":
+            return await self.get(result[1], user_id), False
+        code, number = result[1], int(result[2])
+        if not (mode and code == "sold_out"):  # a shard's sold_out is not the item's
+            self.verdicts.remember(sale_id, sku, code, number, ticket)
+        return reject(code, number)
+
+    async def _reserve_sharded(
+        self, sale_id: str, slots: list[str], user_id: str, sku: str, quantity: int, idem: str
+    ) -> tuple[Reservation, bool] | ApiError:
+        """In the user's shard; when it is short, stock moved there from the others (shards.py)
+        and asked again, or sold_out if the item as a whole is short."""
         slot = shards.home(slots, user_id)
         ticket = self.verdicts.ticket(sale_id)
-        mode = "first" if len(slots) > 1 else ""
-        for _ in range(MOVE_TRIES):
-            rid = new_rid(slot)
-            result = await self.scripts.reserve(
-                keys=[
-                    k.sale(slot),
-                    k.item(slot, sku),
-                    k.users(slot, sku),
-                    k.holds(slot, sku),
-                    k.reservation(slot, rid),
-                    k.events(slot),
-                    k.idempotency(slot, user_id, idem),
-                    k.rate(slot, user_id),
-                    k.user_reservations(slot, user_id),
-                ],
-                args=[
-                    rid,
-                    user_id,
-                    sku,
-                    quantity,
-                    fingerprint(sku, quantity),
-                    idem,
-                    self.settings.user_rate_per_s,
-                    mode,
-                ],
-            )
-            if result[0] == "ok":
-                _, created, expires = result
-                values = [rid, sku, user_id, str(quantity), "held", created, expires, None, None]
-                return to_reservation(sale_id, values), True
-            if result[0] == "replay":
-                return await self.get(result[1], user_id), False
-            code, number = result[1], int(result[2])
-            if code == "sold_out" and mode:
-                # This shard is short. The item as a whole decides: move units here, or sold out.
+        claimed = False
+        if idem and slot != sale_id:  # in the sale's own slot the script's own key is the sale's
+            claim = await self._claim(sale_id, slot, user_id, sku, quantity, idem)
+            if isinstance(claim, ApiError):
+                self.tally.refused(sale_id, sku, claim.code)
+                return claim
+            claimed = claim
+        for attempt in range(MOVE_TRIES):
+            outcome = await self._reserve_in(sale_id, slot, user_id, sku, quantity, idem, "shard")
+            if not isinstance(outcome, ApiError):
+                return outcome
+            if outcome.code != "sold_out":
+                break
+            left = await self.mover.gather(sale_id, sku, slots, slot, quantity)
+            if left < quantity:  # read once more: a cancel in one shard and a hold in another can cross the reads
                 left = await self.mover.gather(sale_id, sku, slots, slot, quantity)
-                if left < quantity:
-                    self.tally.refused(sale_id, sku, code)
-                    code, number = code, max(left, 0)
-                else:
-                    mode = "again"
-                    continue
-            self.verdicts.remember(sale_id, sku, code, number, ticket)
-            return reject(code, number)
-        raise ApiError("unavailable", "the item's stock is moving between its shards: try again", retry_after=1)
+            if left < quantity:
+                self.tally.refused(sale_id, sku, "sold_out")
+                self.verdicts.remember(sale_id, sku, "sold_out", max(left, 0), ticket)
+                outcome = reject("sold_out", max(left, 0))
+                break
+            await asyncio.sleep(0.005 * attempt)  # units on their way here from another request's move
+        else:
+            self.tally.refused(sale_id, sku, "unavailable")
+            outcome = ApiError("unavailable", "the item's stock is moving between its shards: try again", retry_after=1)
+        if claimed:  # only a success keeps its key: a refused attempt may be tried again with another body
+            await self.scripts.calls.call("DEL", self.keys.idempotency(sale_id, user_id, idem))
+        return outcome
+
+    async def _claim(
+        self, sale_id: str, slot: str, user_id: str, sku: str, quantity: int, idem: str
+    ) -> bool | ApiError:
+        """An Idempotency-Key of a sharded item, claimed in the sale's own slot, where every other
+        item's keys are too (SET NX GET): a key is then one request's in the whole sale, whichever
+        slot its reservation is in. True if this call claimed it, False if it was this request's
+        before (a retry: the shard's script replays it), the conflict otherwise."""
+        key = self.keys.idempotency(sale_id, user_id, idem)
+        prior = await self.redis.set(key, f"~{slot}|{fingerprint(sku, quantity)}", nx=True, get=True)
+        if prior is None:
+            return True
+        if str(prior).partition("|")[2] != fingerprint(sku, quantity):
+            return reject("idempotency_conflict", 0)
+        return False
 
     async def _used(self, sale_id: str, sku: str, user_id: str, idempotency_key: str) -> bool:
         """Whether the key made a reservation already: then only the script can answer (a replay)."""

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import math
 import random
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,10 +129,24 @@ class Sales:
         k = self.keys
         doc = sale if isinstance(sale, SaleDoc) else SaleDoc(**msgspec.structs.asdict(sale))
         extra = max(i.shards for i in doc.items) - 1
-        if extra and len(doc.slots) < extra:
+        if not extra:
+            await self._create(doc, state)
+            return
+        owner = secrets.token_hex(8)
+        if not await self.redis.set(k.creating(doc.id), owner, nx=True, px=30_000):
+            raise ApiError("already_exists", f"a sale {doc.id!r} is being created")
+        try:
             if await self.redis.exists(k.sale(doc.id)):
                 raise ApiError("already_exists")
-            doc.slots = await shards.choose(self.redis, doc.id, extra)
+            if len(doc.slots) < extra:
+                doc.slots = await shards.choose(self.redis, doc.id, extra)
+            await self._create(doc, state)
+        finally:
+            if await self.redis.get(k.creating(doc.id)) == owner:
+                await self.redis.delete(k.creating(doc.id))
+
+    async def _create(self, doc: SaleDoc, state: Literal["active", "paused"]) -> None:
+        k = self.keys
         encoded = msgspec.json.encode(doc).decode()
         # Listed first: a crash after the script leaves a listed sale, never an unlisted one
         # whose events nobody drains.
@@ -141,24 +156,43 @@ class Sales:
         await pipe.execute()
         window = [ms(doc.starts_at), ms(doc.ends_at), doc.hold_seconds * 1000]
         for n, slot in enumerate(doc.slots, start=1):
-            here = [i for i in doc.items if i.shards > n]
-            args: list[str | int] = [doc.id, *window, state, GROUP, encoded]
-            for item in here:
-                args += [item.sku, shards.split(item.stock, item.shards)[n], item.per_user_limit]
-            result = await self.scripts.shard_create(
-                keys=[k.sale(slot), k.events(slot), *(k.item(slot, i.sku) for i in here)], args=args
-            )
-            if result[0] == "err":
-                raise ApiError(result[1])
-        args = [doc.id, *window, encoded, GROUP, state, ",".join(doc.slots)]
+            await self._create_slot(doc, n, slot, window, state, encoded)
+        room = doc.waiting_room
+        args: list[str | int] = [doc.id, *window, encoded, GROUP, state, ",".join(doc.slots)]
+        args += [room.admit_per_s, room.abandon_after_s * 1000, room.admission_ttl_s * 1000] if room else ["", "", ""]
         for item in doc.items:
             args += [item.sku, shards.split(item.stock, item.shards)[0], item.per_user_limit]
         result = await self.scripts.sale_create(
-            keys=[k.sale(doc.id), k.events(doc.id), *(k.item(doc.id, i.sku) for i in doc.items)],
+            keys=[
+                k.sale(doc.id),
+                k.events(doc.id),
+                k.queue_state(doc.id),
+                *(k.item(doc.id, i.sku) for i in doc.items),
+            ],
             args=args,
         )
         if result[0] == "err":
             raise ApiError(result[1])
+
+    async def _create_slot(self, doc: SaleDoc, n: int, slot: str, window: list[int], state: str, encoded: str) -> None:
+        """Extra slot ``n`` of a new sale (lua/shard_create.lua). One a create that crashed left
+        behind for a sale that was never made (its sale hash is not there: nothing routes to it)
+        is cleared first."""
+        k = self.keys
+        here = [i for i in doc.items if i.shards > n]
+        args: list[str | int] = [doc.id, *window, state, GROUP, encoded]
+        for item in here:
+            args += [item.sku, shards.split(item.stock, item.shards)[n], item.per_user_limit]
+        for attempt in range(2):
+            result = await self.scripts.shard_create(
+                keys=[k.sale(slot), k.events(slot), *(k.item(slot, i.sku) for i in here)], args=args
+            )
+            if result[0] == "ok":
+                return
+            orphans = [key async for key in self.redis.scan_iter(match=k.sale_pattern(slot), count=1000)]
+            if attempt == 0 and orphans:
+                await self.redis.delete(*orphans)  # one hash tag: one slot, one call even on a cluster
+        raise ApiError("already_exists", f"the sale's slot {slot} is taken")
 
     async def view(self, sale_id: str) -> SaleOut:
         """One sale in one round trip (``lua/sale_view.lua``): the crowd reads the sale ~10 times
@@ -397,6 +431,7 @@ def _sale_out(
         ends_at=instant(ends),
         hold_seconds=hold // 1000,
         items=items,
+        waiting_room=doc.waiting_room,
     )
 
 

@@ -38,6 +38,15 @@ class ItemIn(Struct, forbid_unknown_fields=True):
 
 
 Items = Annotated[list[ItemIn], Meta(min_length=1, max_length=100)]
+AdmitPerSecond = Annotated[int, Meta(ge=1, le=100_000, description="admissions a second, at most")]
+
+
+class WaitingRoom(Struct, forbid_unknown_fields=True):
+    """A queue in front of reserve: a reservation then needs the Admission-Token it hands out."""
+
+    admit_per_s: AdmitPerSecond
+    admission_ttl_s: Annotated[int, Meta(ge=10, le=86_400, description="how long a token is good for")] = 120
+    abandon_after_s: Annotated[int, Meta(ge=5, le=3_600, description="a ticket not polled this long expires")] = 30
 
 
 class SaleIn(Struct, forbid_unknown_fields=True):
@@ -47,6 +56,7 @@ class SaleIn(Struct, forbid_unknown_fields=True):
     ends_at: Instant
     items: Items
     hold_seconds: HoldSeconds = 600
+    waiting_room: WaitingRoom | None = None
 
 
 class SaleDoc(SaleIn, forbid_unknown_fields=True, omit_defaults=True):
@@ -66,6 +76,46 @@ class SalePatch(Struct, forbid_unknown_fields=True):
     ends_at: Instant | UnsetType = UNSET
     hold_seconds: HoldSeconds | UnsetType = UNSET
     items: Items | UnsetType = UNSET
+
+
+class QueueIn(Struct, forbid_unknown_fields=True):
+    user_id: UserId
+
+
+class QueuePatch(Struct, forbid_unknown_fields=True):
+    """A live change to a sale's waiting room (ops)."""
+
+    admit_per_s: AdmitPerSecond
+
+
+QueueStatus = Literal["waiting", "admitted", "closed", "expired"]
+
+
+class Ticket(Struct, omit_defaults=True):
+    """A place in a sale's waiting room, as its user polls it."""
+
+    ticket: str
+    user_id: str
+    status: QueueStatus
+    poll_after_s: int  # when to ask again (spread: a crowd's polls do not come all at once)
+    position: int | None = None  # 1 = next in line; while waiting
+    estimated_wait_s: int | None = None  # while waiting
+    admission_token: str | None = None  # when admitted: send it as the Admission-Token header
+    expires_at: datetime | None = None  # when admitted: the token's end
+    reason: Literal["sold_out", "sale_ended", "closed_by_ops"] | None = None  # when closed
+
+
+class QueueProgress(Struct, omit_defaults=True):
+    """A sale's waiting room as ops watch it: counts since it opened, and now."""
+
+    admit_per_s: int
+    waiting: int  # tickets in line now
+    joined: int
+    admitted: int
+    expired: int  # not polled for abandon_after_s
+    closed_told: int  # waiting tickets told the queue closed
+    estimated_wait_s: int  # for one joining now: waiting / admit_per_s
+    closed: Literal["sold_out", "sale_ended", "closed_by_ops"] | None = None
 
 
 class RestockIn(Struct, forbid_unknown_fields=True):
@@ -118,7 +168,7 @@ class ItemOut(Struct, omit_defaults=True):
     shards: int = 1
 
 
-class SaleOut(Struct):
+class SaleOut(Struct, omit_defaults=True):
     id: str
     name: str
     status: SaleStatus
@@ -126,6 +176,7 @@ class SaleOut(Struct):
     ends_at: datetime
     hold_seconds: int
     items: list[ItemOut]
+    waiting_room: WaitingRoom | None = None
 
 
 class SalePage(Struct):
@@ -175,7 +226,7 @@ class ItemProgress(Struct):
     drift: int = 0  # available + held + confirmed - stock_total: 0 unless a unit was made or lost
 
 
-class Rates(Struct):
+class Rates(Struct, omit_defaults=True):
     """Per second over ``window_s``, the span actually measured: shorter than asked while this
     process has watched the sale for less than the window, 0 (and every rate 0) at first."""
 
@@ -183,6 +234,7 @@ class Rates(Struct):
     reservations: float
     attempts: float
     rejected: dict[str, float]
+    queue: dict[str, float] = field(default_factory=dict)  # the waiting room's joined, admitted, expired, closed_told
 
 
 class RateWindows(Struct):
@@ -207,3 +259,4 @@ class SaleProgress(Struct):
     # What the live audit finds wrong, one line each with the numbers: an item whose units do
     # not add up (now), and Redis against Postgres (at the last audit with the queue empty).
     drift: list[str] = msgspec.field(default_factory=list)
+    queue: QueueProgress | None = None  # the sale's waiting room, if it has one

@@ -31,6 +31,10 @@ NAMES = (
     "shard_give",
     "shard_take",
     "shard_done",
+    "queue_join",
+    "queue_poll",
+    "queue_tick",
+    "queue_control",
 )
 
 
@@ -61,6 +65,10 @@ class Scripts:
     shard_give: Script
     shard_take: Script
     shard_done: Script
+    queue_join: Script
+    queue_poll: Script
+    queue_tick: Script
+    queue_control: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

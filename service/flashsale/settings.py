@@ -45,6 +45,9 @@ class Settings:
     database_url: str = ""
     ops_keys: tuple[str, ...] = ()
     storefront_keys: tuple[str, ...] = ()
+    # Signs the waiting rooms' admission tokens; the same in every API process. Unset: a key
+    # derived from the ops keys, which a deployment gives every process alike.
+    secret: str = ""
     # Every Redis key starts with this; tests give each run its own.
     key_prefix: str = "fs"
     # Attempts one user may make on one sale per second; 0 turns the limit off.
@@ -81,6 +84,7 @@ class Settings:
             database_url=env.get("DATABASE_URL", ""),
             ops_keys=_keys(env, "FLASHSALE_OPS_KEYS"),
             storefront_keys=_keys(env, "FLASHSALE_STOREFRONT_KEYS"),
+            secret=env.get("FLASHSALE_SECRET", ""),
             key_prefix=env.get("FLASHSALE_KEY_PREFIX", d.key_prefix) or d.key_prefix,
             user_rate_per_s=_int(env, "FLASHSALE_USER_RATE", d.user_rate_per_s),
             max_in_flight=_int(env, "FLASHSALE_MAX_IN_FLIGHT", d.max_in_flight, 1),
@@ -95,6 +99,10 @@ class Settings:
             log_level=_level(env, "LOG_LEVEL", d.log_level),
             access_log_sample=_int(env, "FLASHSALE_ACCESS_LOG_SAMPLE", d.access_log_sample, 1),
         )
+
+    @property
+    def signing_secret(self) -> str:
+        return self.secret or "derived from the ops keys\n" + "\n".join(sorted(self.ops_keys))
 
     def require_servers(self) -> None:
         missing = [n for n, v in (("REDIS_URL", self.redis_url), ("DATABASE_URL", self.database_url)) if not v]

@@ -23,6 +23,7 @@ The design, in the terms of the contract ("Scale"):
 
 from __future__ import annotations
 
+import logging
 import secrets
 import zlib
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ from .keys import Keys
 from .schemas import ItemIn, SaleDoc
 from .scripts import Scripts
 
+log = logging.getLogger("flashsale.shards")
 SEP = "~"  # between a sale id and an extra slot's suffix; never in a sale id (SLUG)
 NUMBERS = ("available", "held", "confirmed", "cancelled", "expired", "reservations", "attempts", "in_flight")
 
@@ -145,28 +147,35 @@ def combine(stock: int, hashes: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 class Routes:
-    """Per sale, the slots of each sharded item and the extra slots, read once per process: they
-    are fixed when the sale is created (an update cannot change a sharded sale's items, nor shard
-    an item later) and recover loads them again from Postgres, so an entry never goes stale."""
+    """Per sale, what reserve needs to know before its script and what never changes once the
+    sale is created, read once per process: the slots of each sharded item, the extra slots (an
+    update cannot change a sharded sale's items, nor shard an item later, and recover loads them
+    again from Postgres), and whether it has a waiting room (set at creation only)."""
 
     def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._sales: dict[str, tuple[dict[str, list[str]], list[str]]] = {}
+        self._sales: dict[str, tuple[dict[str, list[str]], list[str], bool]] = {}
 
     def learn(self, doc: SaleDoc) -> None:
         sharded = {i.sku: slots_of(doc, i) for i in doc.items if i.shards > 1}
-        self._sales[doc.id] = (sharded, list(doc.slots))
+        self._sales[doc.id] = (sharded, list(doc.slots), doc.waiting_room is not None)
 
-    async def _of(self, sale_id: str) -> tuple[dict[str, list[str]], list[str]]:
+    async def _of(self, sale_id: str) -> tuple[dict[str, list[str]], list[str], bool]:
         known = self._sales.get(sale_id)
         if known is None:
             raw = await self.redis.hget(self.keys.sale(sale_id), "doc")
             if raw is None:
-                return {}, []  # no such sale (yet): the scripts say not_found; nothing is remembered
+                return {}, [], False  # no such sale (yet): the scripts say not_found; nothing is remembered
             self.learn(msgspec.json.decode(raw, type=SaleDoc))
             known = self._sales[sale_id]
         return known
+
+    def forget(self, sale_id: str) -> None:
+        self._sales.pop(sale_id, None)
+
+    async def waiting_room(self, sale_id: str) -> bool:
+        return (await self._of(sale_id))[2]
 
     async def item(self, sale_id: str, sku: str) -> list[str]:
         """The slots of an item, the sale's own first: just that one for an item not sharded."""
@@ -222,10 +231,17 @@ class Mover:
             await self.finish(source, move_id, sku, dest, given)
         return given
 
-    async def finish(self, source: str, move_id: str, sku: str, dest: str, units: int) -> None:
+    async def finish(self, source: str, move_id: str, sku: str, dest: str, units: int) -> bool:
+        """Whether the move is done (False: the taking slot is gone, the move waits for recover)."""
         k = self.keys
-        await self.scripts.shard_take(keys=[k.item(dest, sku), k.received(dest)], args=[move_id, units])
+        took = await self.scripts.shard_take(
+            keys=[k.item(dest, sku), k.received(dest), k.sale(dest)], args=[move_id, units]
+        )
+        if int(took) < 0:
+            log.warning("a move of stock to a slot that is gone waits for flashsale recover", extra={"slot": dest})
+            return False
         await self.scripts.shard_done(keys=[k.item(source, sku), k.moves(source)], args=[move_id])
+        return True
 
     async def repair(self, source: str, older_than_ms: int) -> int:
         """Finishes the moves out of ``source`` that a crash left half done; how many."""
@@ -233,8 +249,7 @@ class Mover:
         done = 0
         for move_id, move in moves.items():
             sku, dest, units, at = move.split("|")
-            if int(at) < older_than_ms:
-                await self.finish(source, move_id, sku, dest, int(units))
+            if int(at) < older_than_ms and await self.finish(source, move_id, sku, dest, int(units)):
                 done += 1
         return done
 
@@ -251,12 +266,9 @@ async def sync(redis: Client, keys: Keys, scripts: Scripts, sale_id: str, slots:
     extra = (state[5] or "").split(",") if slots is None else list(slots)
     changed = 0
     for slot in filter(None, extra):
-        changed += max(
-            0,
-            int(
-                await scripts.shard_sync(
-                    keys=[keys.sale(slot)], args=[*(str(v) for v in state[:5]), keys.changes, sale_id]
-                )
-            ),
-        )
+        args = [*(str(v) for v in state[:5]), keys.changes, sale_id]
+        got = int(await scripts.shard_sync(keys=[keys.sale(slot)], args=args))
+        if got < 0:
+            log.warning("a slot of the sale is gone (its master lost it): run flashsale recover", extra={"slot": slot})
+        changed += max(0, got)
     return changed

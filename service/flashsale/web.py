@@ -21,6 +21,7 @@ from .reservations import Reservations
 from .sales import Sales
 from .schemas import DIGITS, SLUG, encoder
 from .settings import Settings
+from .waiting import Room
 
 T = TypeVar("T")
 MAX_BODY = 16 * 1024
@@ -36,6 +37,7 @@ class Services:
     keyring: KeyRing
     sales: Sales
     reservations: Reservations
+    room: Room
 
 
 def services(request: Request) -> Services:
@@ -111,7 +113,11 @@ def valid_slug(value: str, name: str) -> str:
 
 
 def user_id(request: Request) -> str:
-    value = request.query_params.get("user_id", "")
+    return valid_user_id(request.query_params.get("user_id", ""))
+
+
+def valid_user_id(value: str) -> str:
+    """The ``user_id`` query parameter's value; 422 if it is missing or no user id."""
     if not USER_ID.match(value):
         raise ApiError("invalid_request", "user_id query parameter is required (1-128 characters)", fields=["user_id"])
     return value
