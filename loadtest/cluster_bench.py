@@ -35,7 +35,7 @@ from flashsale import connection, shards
 from flashsale.coalesce import Coalescer
 from flashsale.embedded import EmbeddedCluster
 from flashsale.keys import Keys
-from flashsale.reservations import fingerprint
+from flashsale.reservations import fingerprint, reserve_keys
 from flashsale.sales import Sales
 from flashsale.schemas import MAX_STOCK, ItemIn, SaleIn
 from flashsale.scripts import Scripts
@@ -66,16 +66,8 @@ def command(keys: Keys, slot: str, sha: str, mode: str) -> list[str]:
     return [
         "EVALSHA",
         sha,
-        "9",
-        keys.sale(slot),
-        keys.item(slot, SKU),
-        keys.users(slot, SKU),
-        keys.holds(slot, SKU),
-        keys.reservation(slot, rid),
-        keys.events(slot),
-        keys.idempotency(slot, user, ""),
-        keys.rate(slot, user),
-        keys.user_reservations(slot, user),
+        "12",
+        *reserve_keys(keys, slot, rid, user, SKU, "", ""),
         rid,
         user,
         SKU,
@@ -84,6 +76,8 @@ def command(keys: Keys, slot: str, sha: str, mode: str) -> list[str]:
         "",
         "0",
         mode,
+        "",
+        "",
     ]
 
 

@@ -11,20 +11,25 @@
 -- KEYS[7] idempotency key   fs:{S}:idem:...  (a never-used key when the client sent none)
 -- KEYS[8] rate counter      fs:{S}:rate:USER
 -- KEYS[9] user's holds zset fs:{S}:mine:USER  (rid -> created ms: GET .../reservations?user_id=)
+-- KEYS[10] client ip units   fs:{S}:ips:SKU     KEYS[11] client device units fs:{S}:devices:SKU
+-- KEYS[12] ip rate counter   fs:{S}:iprate:IP   (never-used keys when the client sent none)
 -- ARGV[1] rid  ARGV[2] user_id  ARGV[3] sku  ARGV[4] quantity  ARGV[5] body fingerprint
 -- ARGV[6] idempotency key ('' for none)   ARGV[7] max attempts per user per second (0 = off)
 -- ARGV[8] '' for an item in one slot; 'shard' for one shard of a sharded item (shards.py): a
 --         sold_out is then answered quietly, counted nowhere (only the caller knows whether the
 --         item as a whole is sold out: it moves stock here and asks again, or counts it)
+-- ARGV[9] the client's ip key ('' for none: clients.py)   ARGV[10] the client's device ('' for none)
 -- Returns {'ok', created_ms, expires_ms}, {'replay', earlier rid}
 --      or {'err', code, number}  (number: available units, retry ms, or starts_ms).
 -- Sent twice (a client library resending after a lost connection), it makes one hold: the
 -- second run finds KEYS[5] and answers with the hold the first one made.
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'replay', ARGV[1]} end
-local sale = redis.call('HMGET', KEYS[1], 'state', 'starts_ms', 'ends_ms', 'hold_ms')
+local sale = redis.call('HMGET', KEYS[1], 'state', 'starts_ms', 'ends_ms', 'hold_ms', 'ip_rate')
 if not sale[1] then return {'err', 'not_found', 0} end
-local limit = redis.call('HGET', KEYS[2], 'per_user_limit')
+local limits = redis.call('HMGET', KEYS[2], 'per_user_limit', 'per_ip_limit', 'per_device_limit')
+local limit = limits[1]
 if not limit then return {'err', 'not_found', 0} end
+local ip, device = ARGV[9], ARGV[10]
 
 -- An attempt is counted once: here at once for an item in one slot; for a shard, with the answer
 -- that ends the request (a quiet sold_out ends nothing: the caller moves stock and asks again,
@@ -70,8 +75,26 @@ if max_rate > 0 then
   if n == 1 then redis.call('PEXPIRE', KEYS[8], 1000) end
   if n > max_rate then return reject('rate_limited', redis.call('PTTL', KEYS[8])) end
 end
+local ip_rate = tonumber(sale[5] or '0')
+if ip ~= '' and ip_rate > 0 then
+  local n = redis.call('INCR', KEYS[12])
+  if n == 1 then redis.call('PEXPIRE', KEYS[12], 1000) end
+  if n > ip_rate then return reject('rate_limited', redis.call('PTTL', KEYS[12])) end
+end
 local mine = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0')
 if mine + qty > tonumber(limit) then return reject('limit_exceeded', tonumber(limit) - mine) end
+-- Client budgets: units held + confirmed per client ip and device, in the same atomic step.
+local function budget(key, who, cap)
+  cap = tonumber(cap or '0')
+  if who == '' or cap <= 0 then return nil end
+  local used = tonumber(redis.call('HGET', key, who) or '0')
+  if used + qty > cap then return cap - used end
+  return nil
+end
+local left = budget(KEYS[10], ip, limits[2])
+if left then return reject('limit_exceeded', left) end
+left = budget(KEYS[11], device, limits[3])
+if left then return reject('limit_exceeded', left) end
 
 local expires = now + tonumber(sale[4])
 if sharded then count() end
@@ -79,8 +102,11 @@ redis.call('HINCRBY', KEYS[2], 'available', -qty)
 redis.call('HINCRBY', KEYS[2], 'held', qty)
 redis.call('HINCRBY', KEYS[2], 'reservations', 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2], qty)
+if ip ~= '' then redis.call('HINCRBY', KEYS[10], ip, qty) end
+if device ~= '' then redis.call('HINCRBY', KEYS[11], device, qty) end
 redis.call('HSET', KEYS[5], 'rid', ARGV[1], 'sku', ARGV[3], 'user', ARGV[2], 'qty', qty,
-  'status', 'held', 'created_ms', now, 'expires_ms', expires, 'idem', ARGV[6])
+  'status', 'held', 'created_ms', now, 'expires_ms', expires, 'idem', ARGV[6], 'ip', ip,
+  'device', device)
 redis.call('ZADD', KEYS[4], expires, ARGV[1])
 if ARGV[6] ~= '' then
   -- Kept as long as the sale's data: a key can never make a second reservation in one sale.

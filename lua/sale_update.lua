@@ -8,13 +8,14 @@
 -- KEYS[1] sale hash      fs:{S}:sale
 -- KEYS[2] event stream   fs:{S}:events
 -- KEYS[3..2+N] one item hash per sku of the new item list, in the order of the skus in ARGV
--- KEYS[3+N..] per sku dropped from the sale, three keys: item hash, user units hash, holds zset
+-- KEYS[3+N..] per sku dropped from the sale, five keys: item hash, user units hash, holds zset,
+--           client ip units hash, client device units hash
 -- ARGV[1] sale id   ARGV[2] the skus field the caller read ('' when items are not changed)
 -- ARGV[3] the changes: a JSON object of the sale document's fields to replace
 -- ARGV[4] starts_ms   ARGV[5] ends_ms   ARGV[6] hold_ms   (each '' when not changed)
 -- ARGV[7] N, the number of items (0: items not changed)
--- ARGV[8..7+3N] per item, three values: sku, stock, per_user_limit
--- ARGV[8+3N] the changes channel: the sale id is published there (window or stock changed)
+-- ARGV[8..7+5N] per item, five values: sku, stock, per_user_limit, per_ip_limit, per_device_limit
+-- ARGV[8+5N] the changes channel: the sale id is published there (window or stock changed)
 -- Returns {'ok', rev} or {'err', code, detail}: not_found; invalid_state with detail 'started',
 -- 'ended', or 'taken' (an item's stock below its units held or confirmed); invalid_request with
 -- detail 'window' (ends_ms not after starts_ms); conflict (the skus changed since the caller read).
@@ -38,20 +39,21 @@ for i = 1, n do
   local cur = redis.call('HMGET', KEYS[2 + i], 'held', 'confirmed')
   if cur[1] then
     taken[i] = tonumber(cur[1]) + tonumber(cur[2])
-    if taken[i] > tonumber(ARGV[6 + 3 * i]) then return {'err', 'invalid_state', 'taken'} end
+    if taken[i] > tonumber(ARGV[4 + 5 * i]) then return {'err', 'invalid_state', 'taken'} end
   end
 end
 
 local skus = {}
 for i = 1, n do
-  local sku, stock, limit = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
+  local sku, stock, limit = ARGV[3 + 5 * i], tonumber(ARGV[4 + 5 * i]), ARGV[5 + 5 * i]
+  local ip_limit, device_limit = ARGV[6 + 5 * i], ARGV[7 + 5 * i]
   if taken[i] then
     redis.call('HSET', KEYS[2 + i], 'stock_total', stock, 'available', stock - taken[i],
-      'per_user_limit', limit)
+      'per_user_limit', limit, 'per_ip_limit', ip_limit, 'per_device_limit', device_limit)
   else
     redis.call('HSET', KEYS[2 + i], 'stock_total', stock, 'available', stock, 'held', 0,
       'confirmed', 0, 'cancelled', 0, 'expired', 0, 'reservations', 0, 'attempts', 0,
-      'per_user_limit', limit)
+      'per_user_limit', limit, 'per_ip_limit', ip_limit, 'per_device_limit', device_limit)
   end
   skus[#skus + 1] = sku
 end
@@ -72,5 +74,5 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'hold_ms', ARGV[6]) end
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', sale[1],
   'doc', encoded, 'at_ms', at)
-redis.call('PUBLISH', ARGV[8 + 3 * n], ARGV[1])
+redis.call('PUBLISH', ARGV[8 + 5 * n], ARGV[1])
 return {'ok', rev}

@@ -27,6 +27,7 @@ from flashsale.sweeper import MOVE_REPAIR_MS, sweep_once
 
 from . import procs
 from .conftest import OPS, STORE, create_sale, drained
+from .test_recover import forget_sale
 
 
 def item(stock: int, shards: int = 3, limit: int = 2, sku: str = "phone") -> dict[str, Any]:
@@ -315,8 +316,7 @@ async def test_recover_puts_a_lost_sharded_sale_back_with_holds_limits_and_keys_
             made[u] = (await reserve(client, sid, u, 2, key=f"key-{u}")).json()
     await drained(redis, keys, sid)
     for slot in slots:
-        async for key in redis.scan_iter(match=keys.sale_pattern(slot)):
-            await redis.delete(key)
+        await forget_sale(redis, keys, slot)
     report = await recover(redis, pg, keys, scripts, sid)
     assert report.sale_reloaded and report.outcomes["added"] == 6 and not report.problems and not report.oversold
     got = (await client.get(f"/v1/sales/{sid}")).json()
@@ -354,8 +354,7 @@ async def test_recover_makes_a_lost_shard_again_with_its_holds_while_the_other_s
         for u in [*lost_users, *users_of(slots[1], slots, 1)]
     }
     await drained(redis, keys, sid)
-    async for key in redis.scan_iter(match=keys.sale_pattern(slots[2])):  # its master came back empty
-        await redis.delete(key)
+    await forget_sale(redis, keys, slots[2])  # its master came back empty
     report = await recover(redis, pg, keys, scripts, sid)
     assert report.slots_remade == [slots[2]] and not report.sale_reloaded and not report.problems
     assert report.outcomes["added"] == 3 and report.outcomes["kept"] == 1 and not report.oversold
@@ -387,8 +386,7 @@ async def test_recover_evens_out_the_shards_before_it_lets_the_sale_sell_so_noth
         assert (await reserve(client, sid, u)).status_code == 201
     await drained(redis, keys, sid)
     for slot in slots:
-        async for key in redis.scan_iter(match=keys.sale_pattern(slot)):
-            await redis.delete(key)
+        await forget_sale(redis, keys, slot)
     report = await recover(redis, pg, keys, scripts, sid)
     assert not report.oversold and not report.problems
     numbers = await shard_numbers(redis, keys, slots)
@@ -439,8 +437,7 @@ async def test_a_lost_extra_slot_does_not_stop_the_persister_for_any_other_sale(
     sharded = await create_sale(client, items=[item(9)])
     slots = await slots_of(redis, keys, sharded["id"])
     await asyncio.sleep(1.2)  # the persister has listed the sharded sale's streams
-    async for key in redis.scan_iter(match=keys.sale_pattern(slots[2])):
-        await redis.delete(key)
+    await forget_sale(redis, keys, slots[2])
     other = await create_sale(client)
     made = (await reserve(client, other["id"], "alice")).json()
     await drained(redis, keys, other["id"])
@@ -463,8 +460,7 @@ async def test_a_move_into_a_lost_slot_waits_for_recover_which_makes_the_slot_ag
         keys=[keys.item(slots[0], "phone"), keys.moves(slots[0])], args=["m1", "phone", slots[2], 2]
     )
     await redis.hset(keys.moves(slots[0]), "m1", f"phone|{slots[2]}|2|0")
-    async for key in redis.scan_iter(match=keys.sale_pattern(slots[2])):
-        await redis.delete(key)
+    await forget_sale(redis, keys, slots[2])
     await sweep_once(redis, keys, scripts, 100)  # the repair cannot finish it: the slot is gone
     assert [k async for k in redis.scan_iter(match=keys.sale_pattern(slots[2]))] == []
     await drained(redis, keys, sid)
@@ -495,7 +491,7 @@ async def test_a_sharded_create_that_crashed_half_way_leaves_the_id_free_for_ano
     sid = "half-made"
     await scripts.shard_create(  # the first slot of a create that died before the sale's own keys
         keys=[keys.sale(f"{sid}~1"), keys.events(f"{sid}~1"), keys.item(f"{sid}~1", "phone")],
-        args=[sid, 0, 1, 1000, "active", "persister", "{}", "phone", 5, 1],
+        args=[sid, 0, 1, 1000, "active", "persister", "{}", 0, "phone", 5, 1, 0, 0],
     )
     sale = await create_sale(client, sale_id=sid, items=[item(30)])
     assert sale["items"][0]["stock_total"] == 30

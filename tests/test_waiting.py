@@ -21,6 +21,7 @@ from flashsale.settings import Settings
 from flashsale.waiting import Tokens
 
 from .conftest import OPS, create_sale, drained
+from .test_recover import forget_sale
 
 
 def room(admit_per_s: int = 100, **more: Any) -> dict[str, Any]:
@@ -246,8 +247,7 @@ async def test_recover_brings_a_lost_sale_back_with_its_waiting_room(
 ) -> None:
     sale = (await create_sale(client, waiting_room=room(admit_per_s=7), items=phone(10)))["id"]
     await drained(redis, keys, sale)
-    async for key in redis.scan_iter(match=keys.sale_pattern(sale)):
-        await redis.delete(key)
+    await forget_sale(redis, keys, sale)
     report = await recover(redis, pg, keys, scripts, sale)
     assert report.sale_reloaded and not report.problems
     assert (await client.get(f"/v1/sales/{sale}")).json()["waiting_room"]["admit_per_s"] == 7

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import connection, metrics
+from . import clients, connection, metrics
 from .errors import ApiError, store_unavailable
 from .schemas import QueueIn, ReserveIn, encoder
 from .waiting import TICKET
@@ -76,7 +76,8 @@ async def reserve(scope: Scope, receive: Receive) -> Answer:
             "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
         )
     ask = decode(await read(receive, length or ""), ReserveIn)
-    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key, token)
+    client = clients.keys_of(ask.client)
+    outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key, token, client)
     if isinstance(outcome, ApiError):  # a refusal is an answer, not an exception: no raise on the hot path
         metrics.reserved(outcome.code)
         return outcome.answer()
@@ -98,6 +99,7 @@ async def join_queue(scope: Scope, receive: Receive) -> Answer:
     svc.keyring.require(authorization, "storefront")
     sale_id = valid_slug(scope["path_params"]["sale_id"], "sale_id")
     ask = decode(await read(receive, length or ""), QueueIn)
+    clients.keys_of(ask.client)  # checked as on reserve: a malformed address is a clear 422
     ticket, created = await svc.room.join(sale_id, ask.user_id)
     return 201 if created else 200, encoder.encode(ticket), []
 

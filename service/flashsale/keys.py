@@ -98,6 +98,18 @@ class Keys:
     def holds(self, sale_id: str, sku: str) -> str:
         return f"{self._sale(sale_id)}:holds:{sku}"
 
+    # HASH per item: client ip (IPv4, or an IPv6 /64) -> units held + confirmed (per_ip_limit).
+    def ips(self, slot: str, sku: str) -> str:
+        return f"{self._sale(slot)}:ips:{sku}"
+
+    # HASH per item: client device -> units held + confirmed (per_device_limit).
+    def devices(self, slot: str, sku: str) -> str:
+        return f"{self._sale(slot)}:devices:{sku}"
+
+    # STRING counter, PX 1 s: attempts from one client ip on one sale in the current second.
+    def ip_rate(self, slot: str, ip: str) -> str:
+        return f"{self._sale(slot)}:iprate:{ip}"
+
     # HASH per reservation: rid, sku, user, qty, status, created/expires/final ms. Lives with the sale.
     def reservation(self, sale_id: str, rid: str) -> str:
         return f"{self._sale(sale_id)}:res:{rid}"

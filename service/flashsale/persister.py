@@ -64,24 +64,25 @@ WHERE reservations.status = 'held' AND EXCLUDED.status <> 'held'
 """
 
 UPSERT_SALE = """
-INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots, waiting_room)
-VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8, $9::jsonb)
+INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots, waiting_room, ip_rate_per_s)
+VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8, $9::jsonb, $10)
 ON CONFLICT (id) DO UPDATE SET
     name = EXCLUDED.name, starts_at = EXCLUDED.starts_at, ends_at = EXCLUDED.ends_at,
     hold_seconds = EXCLUDED.hold_seconds, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at,
-    slots = EXCLUDED.slots, waiting_room = EXCLUDED.waiting_room
+    slots = EXCLUDED.slots, waiting_room = EXCLUDED.waiting_room, ip_rate_per_s = EXCLUDED.ip_rate_per_s
 WHERE sales.changed_at <= EXCLUDED.changed_at
 """
 
 UPSERT_ITEMS = """
-INSERT INTO items (sale_id, sku, name, price_cents, stock_total, per_user_limit, shards)
-SELECT $1, i.sku, i.name, i.price, i.stock, i.lim, i.shards
-FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::int[], $8::int[])
-    AS i(sku, name, price, stock, lim, shards)
+INSERT INTO items (sale_id, sku, name, price_cents, stock_total, per_user_limit, shards, per_ip_limit, per_device_limit)
+SELECT $1, i.sku, i.name, i.price, i.stock, i.lim, i.shards, i.ip_lim, i.device_lim
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::int[], $8::int[], $9::int[], $10::int[])
+    AS i(sku, name, price, stock, lim, shards, ip_lim, device_lim)
 WHERE (SELECT changed_at FROM sales WHERE id = $1) <= to_timestamp($7 / 1000.0)
 ON CONFLICT (sale_id, sku) DO UPDATE SET
     name = EXCLUDED.name, price_cents = EXCLUDED.price_cents, stock_total = EXCLUDED.stock_total,
-    per_user_limit = EXCLUDED.per_user_limit, shards = EXCLUDED.shards
+    per_user_limit = EXCLUDED.per_user_limit, shards = EXCLUDED.shards,
+    per_ip_limit = EXCLUDED.per_ip_limit, per_device_limit = EXCLUDED.per_device_limit
 """
 
 
@@ -150,6 +151,7 @@ async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
         at,
         doc.slots,
         None if doc.waiting_room is None else msgspec.json.encode(doc.waiting_room).decode(),
+        doc.ip_rate_per_s,
     )
     await conn.execute(
         UPSERT_ITEMS,
@@ -161,6 +163,8 @@ async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
         [i.per_user_limit for i in doc.items],
         at,
         [i.shards for i in doc.items],
+        [i.per_ip_limit for i in doc.items],
+        [i.per_device_limit for i in doc.items],
     )
     await conn.execute(DELETE_DROPPED_ITEMS, sale_id, [i.sku for i in doc.items], at)
 

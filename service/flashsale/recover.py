@@ -49,7 +49,7 @@ from . import shards
 from .connection import Client
 from .keys import GROUP, Keys
 from .reservations import fingerprint, slot_of
-from .sales import Sales, ms, now_ms
+from .sales import Sales, limits, ms, now_ms
 from .schemas import ItemIn, SaleDoc, WaitingRoom
 from .scripts import Scripts
 
@@ -176,14 +176,14 @@ async def _remake(redis: Client, keys: Keys, scripts: Scripts, sale_id: str, los
     window = cast(list[str], await redis.hmget(keys.sale(sale_id), ["starts_ms", "ends_ms", "hold_ms"]))
     for slot in lost:
         here = [i for i in doc.items if slot in shards.slots_of(doc, i)]
-        args: list[str | int] = [sale_id, *window, "paused", GROUP, raw]
+        args: list[str | int] = [sale_id, *window, "paused", GROUP, raw, doc.ip_rate_per_s or 0]
         for item in here:
             pipe = redis.pipeline(transaction=False)
             others = [s for s in shards.slots_of(doc, item) if s not in lost]
             for other in others:
                 pipe.hmget(keys.item(other, item.sku), ["available", "held", "confirmed", "in_flight"])
             elsewhere = sum(int(v or 0) for values in await pipe.execute() for v in values)
-            args += [item.sku, max(0, item.stock - elsewhere), item.per_user_limit]
+            args += [item.sku, max(0, item.stock - elsewhere), *limits(item)]
         result = await scripts.shard_create(
             keys=[keys.sale(slot), keys.events(slot), *(keys.item(slot, i.sku) for i in here)], args=args
         )
@@ -218,6 +218,7 @@ def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleDoc:
         id=sale["id"],
         slots=list(sale["slots"]),
         waiting_room=None if room is None else msgspec.json.decode(room, type=WaitingRoom),
+        ip_rate_per_s=sale["ip_rate_per_s"],
         name=sale["name"],
         starts_at=sale["starts_at"],
         ends_at=sale["ends_at"],
@@ -230,6 +231,8 @@ def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleDoc:
                 stock=i["stock_total"],
                 per_user_limit=i["per_user_limit"],
                 shards=i["shards"],
+                per_ip_limit=i["per_ip_limit"],
+                per_device_limit=i["per_device_limit"],
             )
             for i in items
         ],

@@ -42,6 +42,24 @@ def new_rid(slot: str) -> str:
     return f"{slot}.{secrets.token_urlsafe(16)}"
 
 
+def reserve_keys(k: Keys, slot: str, rid: str, user_id: str, sku: str, idem: str, ip: str) -> list[str]:
+    """lua/reserve.lua's KEYS, in its order: laid out in this one place."""
+    return [
+        k.sale(slot),
+        k.item(slot, sku),
+        k.users(slot, sku),
+        k.holds(slot, sku),
+        k.reservation(slot, rid),
+        k.events(slot),
+        k.idempotency(slot, user_id, idem),
+        k.rate(slot, user_id),
+        k.user_reservations(slot, user_id),
+        k.ips(slot, sku),
+        k.devices(slot, sku),
+        k.ip_rate(slot, ip),
+    ]
+
+
 def fingerprint(sku: str, quantity: int) -> str:
     """What an Idempotency-Key remembers of its request besides the reservation: the same key
     with another sku or quantity is an idempotency_conflict."""
@@ -92,6 +110,8 @@ async def settle(
             keys.users(slot, sku),
             keys.holds(slot, sku),
             keys.events(slot),
+            keys.ips(slot, sku),
+            keys.devices(slot, sku),
             *(keys.reservation(slot, r) for r in rids),
         ],
         args=[action, user_id, payment_ref, keys.changes, shards.sale_of_slot(slot), *rids],
@@ -131,8 +151,10 @@ class Reservations:
         quantity: int,
         idempotency_key: str | None,
         admission_token: str | None = None,
+        client: tuple[str, str] = ("", ""),
     ) -> tuple[Reservation, bool] | ApiError:
-        """The reservation and whether this call created it (False: a replay), or the refusal."""
+        """The reservation and whether this call created it (False: a replay), or the refusal.
+        ``client``: the end user's (ip key, device), clients.py; '' for each not given."""
         idem = idempotency_key or ""
         if await self.routes.waiting_room(sale_id):
             self.tokens.check(sale_id, user_id, admission_token)  # in memory: 403 not_admitted
@@ -148,9 +170,9 @@ class Reservations:
             return reject(verdict.code, verdict.number)
         slots = await self.routes.item(sale_id, sku)
         if len(slots) == 1:
-            outcome = await self._reserve_in(sale_id, sale_id, user_id, sku, quantity, idem, "")
+            outcome = await self._reserve_in(sale_id, sale_id, user_id, sku, quantity, idem, "", client)
         else:
-            outcome = await self._reserve_sharded(sale_id, slots, user_id, sku, quantity, idem)
+            outcome = await self._reserve_sharded(sale_id, slots, user_id, sku, quantity, idem, client)
         if not isinstance(outcome, ApiError):
             return outcome
         if outcome.code == "not_found":
@@ -158,25 +180,33 @@ class Reservations:
         return outcome
 
     async def _reserve_in(
-        self, sale_id: str, slot: str, user_id: str, sku: str, quantity: int, idem: str, mode: str
+        self,
+        sale_id: str,
+        slot: str,
+        user_id: str,
+        sku: str,
+        quantity: int,
+        idem: str,
+        mode: str,
+        client: tuple[str, str] = ("", ""),
     ) -> tuple[Reservation, bool] | ApiError:
         """One call to lua/reserve.lua in ``slot``; a refusal that holds for everyone is remembered."""
         k = self.keys
         ticket = self.verdicts.ticket(sale_id)
         rid = new_rid(slot)
         result = await self.scripts.reserve(
-            keys=[
-                k.sale(slot),
-                k.item(slot, sku),
-                k.users(slot, sku),
-                k.holds(slot, sku),
-                k.reservation(slot, rid),
-                k.events(slot),
-                k.idempotency(slot, user_id, idem),
-                k.rate(slot, user_id),
-                k.user_reservations(slot, user_id),
+            keys=reserve_keys(k, slot, rid, user_id, sku, idem, client[0]),
+            args=[
+                rid,
+                user_id,
+                sku,
+                quantity,
+                fingerprint(sku, quantity),
+                idem,
+                self.settings.user_rate_per_s,
+                mode,
+                *client,
             ],
-            args=[rid, user_id, sku, quantity, fingerprint(sku, quantity), idem, self.settings.user_rate_per_s, mode],
         )
         if result[0] == "ok":
             _, created, expires = result
@@ -190,7 +220,7 @@ class Reservations:
         return reject(code, number)
 
     async def _reserve_sharded(
-        self, sale_id: str, slots: list[str], user_id: str, sku: str, quantity: int, idem: str
+        self, sale_id: str, slots: list[str], user_id: str, sku: str, quantity: int, idem: str, client: tuple[str, str]
     ) -> tuple[Reservation, bool] | ApiError:
         """In the user's shard; when it is short, stock moved there from the others (shards.py)
         and asked again, or sold_out if the item as a whole is short."""
@@ -204,7 +234,7 @@ class Reservations:
                 return claim
             claimed = claim
         for attempt in range(MOVE_TRIES):
-            outcome = await self._reserve_in(sale_id, slot, user_id, sku, quantity, idem, "shard")
+            outcome = await self._reserve_in(sale_id, slot, user_id, sku, quantity, idem, "shard", client)
             if not isinstance(outcome, ApiError):
                 return outcome
             if outcome.code != "sold_out":

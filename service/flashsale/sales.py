@@ -99,6 +99,17 @@ def unique_skus(items: Sequence[ItemIn]) -> None:
     skus = [i.sku for i in items]
     if len(set(skus)) != len(skus):
         raise ApiError("invalid_request", "each item needs its own sku", fields=["items"])
+    if any(i.shards > 1 and (i.per_ip_limit or i.per_device_limit) for i in items):
+        raise ApiError(
+            "invalid_request",
+            "per_ip_limit and per_device_limit are exact within one slot: not yet with shards above 1",
+            fields=["items"],
+        )
+
+
+def limits(item: ItemIn) -> list[int]:
+    """An item's per_user_limit, per_ip_limit and per_device_limit as the scripts take them (0: none)."""
+    return [item.per_user_limit, item.per_ip_limit or 0, item.per_device_limit or 0]
 
 
 @dataclass(frozen=True)
@@ -160,8 +171,9 @@ class Sales:
         room = doc.waiting_room
         args: list[str | int] = [doc.id, *window, encoded, GROUP, state, ",".join(doc.slots)]
         args += [room.admit_per_s, room.abandon_after_s * 1000, room.admission_ttl_s * 1000] if room else ["", "", ""]
+        args.append(doc.ip_rate_per_s or 0)
         for item in doc.items:
-            args += [item.sku, shards.split(item.stock, item.shards)[0], item.per_user_limit]
+            args += [item.sku, shards.split(item.stock, item.shards)[0], *limits(item)]
         result = await self.scripts.sale_create(
             keys=[
                 k.sale(doc.id),
@@ -180,9 +192,9 @@ class Sales:
         is cleared first."""
         k = self.keys
         here = [i for i in doc.items if i.shards > n]
-        args: list[str | int] = [doc.id, *window, state, GROUP, encoded]
+        args: list[str | int] = [doc.id, *window, state, GROUP, encoded, doc.ip_rate_per_s or 0]
         for item in here:
-            args += [item.sku, shards.split(item.stock, item.shards)[n], item.per_user_limit]
+            args += [item.sku, shards.split(item.stock, item.shards)[n], *limits(item)]
         for attempt in range(2):
             result = await self.scripts.shard_create(
                 keys=[k.sale(slot), k.events(slot), *(k.item(slot, i.sku) for i in here)], args=args
@@ -374,14 +386,14 @@ class Sales:
             dropped = [s for s in listed.split(",") if s and s not in skus]
             args: list[str | int] = [sale_id, listed, changes, *times, hold, len(items)]
             for item in items:
-                args += [item.sku, item.stock, item.per_user_limit]
+                args += [item.sku, item.stock, *limits(item)]
             args.append(k.changes)
             result = await self.scripts.sale_update(
                 keys=[
                     k.sale(sale_id),
                     k.events(sale_id),
                     *(k.item(sale_id, s) for s in skus),
-                    *(f(sale_id, s) for s in dropped for f in (k.item, k.users, k.holds)),
+                    *(f(sale_id, s) for s in dropped for f in (k.item, k.users, k.holds, k.ips, k.devices)),
                 ],
                 args=args,
             )

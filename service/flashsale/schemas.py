@@ -35,6 +35,12 @@ class ItemIn(Struct, forbid_unknown_fields=True):
         int,
         Meta(ge=1, le=64, description="hash slots the stock is spread over (a hot item on a cluster: one per master)"),
     ] = 1
+    per_ip_limit: (
+        Annotated[int, Meta(ge=1, le=1_000_000, description="units held + confirmed per client ip")] | None
+    ) = None
+    per_device_limit: (
+        Annotated[int, Meta(ge=1, le=1_000_000, description="units held + confirmed per client device")] | None
+    ) = None
 
 
 Items = Annotated[list[ItemIn], Meta(min_length=1, max_length=100)]
@@ -57,6 +63,9 @@ class SaleIn(Struct, forbid_unknown_fields=True):
     items: Items
     hold_seconds: HoldSeconds = 600
     waiting_room: WaitingRoom | None = None
+    ip_rate_per_s: Annotated[int, Meta(ge=1, le=1_000_000, description="attempts per client ip per second")] | None = (
+        None
+    )
 
 
 class SaleDoc(SaleIn, forbid_unknown_fields=True, omit_defaults=True):
@@ -80,6 +89,7 @@ class SalePatch(Struct, forbid_unknown_fields=True):
 
 class QueueIn(Struct, forbid_unknown_fields=True):
     user_id: UserId
+    client: Client | None = None
 
 
 class QueuePatch(Struct, forbid_unknown_fields=True):
@@ -122,10 +132,18 @@ class RestockIn(Struct, forbid_unknown_fields=True):
     quantity: Quantity
 
 
+class Client(Struct, forbid_unknown_fields=True):
+    """The end user's address and device, as the storefront saw them."""
+
+    ip: Annotated[str, Meta(min_length=2, max_length=64)] | None = None
+    device: Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")] | None = None
+
+
 class ReserveIn(Struct, forbid_unknown_fields=True):
     user_id: UserId
     sku: Slug
     quantity: Quantity = 1
+    client: Client | None = None
 
 
 class ConfirmIn(Struct, forbid_unknown_fields=True):

@@ -1,0 +1,118 @@
+"""Client budgets (contract, "Crowd control"): units per client ip and device, checked in the
+reserve script with the per-user limit, exact under concurrency; attempts per ip a second."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from flashsale.keys import Keys
+from flashsale.scripts import Scripts
+from flashsale.sweeper import sweep_once
+
+from .conftest import OPS, create_sale
+
+
+def phone(stock: int = 100, **limits: Any) -> list[dict[str, Any]]:
+    return [{"sku": "phone", "name": "Phone", "price_cents": 1, "stock": stock, "per_user_limit": 1, **limits}]
+
+
+async def reserve(c: httpx.AsyncClient, sale: str, user: str, **client: str) -> httpx.Response:
+    body: dict[str, Any] = {"user_id": user, "sku": "phone"}
+    if client:
+        body["client"] = client
+    return await c.post(f"/v1/sales/{sale}/reservations", json=body)
+
+
+async def test_500_accounts_behind_3_addresses_hold_at_most_3_times_the_per_ip_limit(client: httpx.AsyncClient) -> None:
+    sale = (await create_sale(client, items=phone(per_ip_limit=4)))["id"]
+    addresses = ["203.0.113.7", "198.51.100.23", "2001:db8:aa:1::5"]
+    gate = asyncio.Semaphore(100)  # in flight at once: as many as the client's pool holds
+
+    async def bot(n: int) -> httpx.Response:
+        async with gate:
+            return await reserve(client, sale, f"bot{n}", ip=addresses[n % 3])
+
+    answers = await asyncio.gather(*(bot(n) for n in range(500)))
+    won = [r for r in answers if r.status_code == 201]
+    assert len(won) == 12
+    refused = {r.json()["error"]["code"] for r in answers if r.status_code != 201}
+    assert refused == {"limit_exceeded"}
+    assert (await reserve(client, sale, "someone", ip="192.0.2.1")).status_code == 201  # another client is not held up
+
+
+async def test_addresses_inside_one_ipv6_64_and_an_ipv4_mapped_address_count_as_one_client(
+    client: httpx.AsyncClient,
+) -> None:
+    sale = (await create_sale(client, items=phone(per_ip_limit=2)))["id"]
+    assert (await reserve(client, sale, "a", ip="2001:db8:1:2::1")).status_code == 201
+    assert (await reserve(client, sale, "b", ip="2001:db8:1:2:ffff:1:2:3")).status_code == 201
+    third = await reserve(client, sale, "c", ip="2001:0db8:0001:0002::9")
+    assert (third.status_code, third.json()["error"]["code"]) == (409, "limit_exceeded")
+    assert (await reserve(client, sale, "d", ip="2001:db8:1:3::1")).status_code == 201  # the next /64
+    assert (await reserve(client, sale, "e", ip="198.51.100.9")).status_code == 201
+    assert (await reserve(client, sale, "f", ip="::ffff:198.51.100.9")).status_code == 201
+    mapped = await reserve(client, sale, "g", ip="::ffff:198.51.100.9")
+    assert mapped.json()["error"] == {
+        "code": "limit_exceeded",
+        "message": "this would take the user past the item's per-user limit",
+        "available": 0,
+    }
+
+
+async def test_the_per_device_limit_is_exact_under_concurrency(client: httpx.AsyncClient) -> None:
+    sale = (await create_sale(client, items=phone(per_device_limit=3)))["id"]
+    answers = await asyncio.gather(*(reserve(client, sale, f"u{n}", device="phone-7f3a") for n in range(60)))
+    assert sum(r.status_code == 201 for r in answers) == 3
+
+
+async def test_units_back_from_a_cancel_or_an_expiry_are_back_in_the_clients_budget(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    sale = (await create_sale(client, hold_seconds=1, items=phone(per_ip_limit=1)))["id"]
+    first = (await reserve(client, sale, "a", ip="192.0.2.4")).json()
+    assert (await reserve(client, sale, "b", ip="192.0.2.4")).status_code == 409
+    cancel = await client.post(f"/v1/reservations/{first['reservation_id']}/cancel", json={"user_id": "a"})
+    assert cancel.status_code == 200
+    assert (await reserve(client, sale, "b", ip="192.0.2.4")).status_code == 201
+    await asyncio.sleep(1.1)
+    await sweep_once(redis, keys, scripts, 100)
+    assert (await reserve(client, sale, "c", ip="192.0.2.4")).status_code == 201
+    assert await redis.hget(keys.ips(sale, "phone"), "192.0.2.4") == "1"
+
+
+async def test_attempts_per_client_ip_a_second_past_ip_rate_per_s_are_429(client: httpx.AsyncClient) -> None:
+    sale = (await create_sale(client, ip_rate_per_s=5, items=phone()))["id"]
+    answers = [await reserve(client, sale, f"u{n}", ip="192.0.2.8") for n in range(8)]
+    assert [r.status_code for r in answers].count(201) == 5
+    limited = answers[-1]
+    assert (limited.status_code, limited.json()["error"]["code"]) == (429, "rate_limited")
+    assert limited.headers["retry-after"] == "1"
+    assert (await reserve(client, sale, "other", ip="192.0.2.9")).status_code == 201
+
+
+async def test_a_malformed_client_is_a_clear_422_that_changes_nothing(client: httpx.AsyncClient) -> None:
+    sale = (await create_sale(client, items=phone(per_ip_limit=1)))["id"]
+    for bad in ({"ip": "300.1.1.1"}, {"ip": "not an ip"}, {"ip": "1.2.3.4", "extra": "x"}, {"device": ""}):
+        r = await client.post(f"/v1/sales/{sale}/reservations", json={"user_id": "a", "sku": "phone", "client": bad})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), bad
+    got = (await client.get(f"/v1/sales/{sale}")).json()["items"][0]
+    assert got["held"] == 0
+
+
+async def test_client_budgets_on_a_sharded_item_are_refused_at_creation(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/sales",
+        json={
+            "id": "budget-shards",
+            "name": "x",
+            "starts_at": "2026-01-01T00:00:00Z",
+            "ends_at": "2030-01-01T00:00:00Z",
+            "items": phone(shards=3, per_ip_limit=2),
+        },
+        headers=OPS,
+    )
+    assert (r.status_code, r.json()["error"]["fields"]) == (422, ["items"])
