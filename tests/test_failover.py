@@ -112,7 +112,8 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
         made = {a[3] for a in answers if a[1] == 201}
         stock = await cluster_redis.hmget(keys.item(sale, "phone"), "available", "held", "confirmed")
         available, held, confirmed = (int(v) for v in stock)
-        assert available + held + confirmed == STOCK and held <= len(made)
+        # A hold can be made and its reply lost in the kill (its caller got a 503): at most one per 503.
+        assert available + held + confirmed == STOCK and held <= len(made) + len(outage)
         await drained(cluster_redis, keys, sale, timeout=30)
         scripts = Scripts.load(cluster_redis, on_cluster.lua_dir)
         report = await recover(cluster_redis, pg, keys, scripts, sale)

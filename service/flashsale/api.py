@@ -186,7 +186,12 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             stop.set()
-            await asyncio.gather(*background)
+            # Every loop's end awaited, and the clients closed below whatever one of them raised.
+            for task, outcome in zip(
+                background, await asyncio.gather(*background, return_exceptions=True), strict=True
+            ):
+                if isinstance(outcome, BaseException):
+                    log.error("background task %s ended with %r", task.get_name(), outcome)
             await tally.flush()  # counts of the last requests, after the loops stopped taking more
             metrics.flush()
             await scripts.calls.close()

@@ -251,5 +251,7 @@ async def run(room: Room, sales: Sales, stop: asyncio.Event) -> None:
             log.warning("waiting-room tick failed, retrying next tick: %s", exc)
         except ApiError as exc:  # a sale gone between the listing and its read
             log.warning("waiting-room tick skipped a sale: %s", exc)
+        except Exception:  # a bug: logged, and the next tick tries again (a dead loop admits nobody)
+            log.exception("waiting-room tick failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), TICK_MS / 1000)
