@@ -56,6 +56,14 @@ async def reserve(c: httpx.AsyncClient, sale: str, user: str, token: str | None)
     return await c.post(f"/v1/sales/{sale}/reservations", json={"user_id": user, "sku": "phone"}, headers=headers)
 
 
+async def admitted_hold(c: httpx.AsyncClient, sale: str, user: str) -> dict[str, Any]:
+    """The user joins, is admitted, and holds a unit with the token: the hold."""
+    ticket = (await join(c, sale, user)).json()
+    token = (await admitted(c, sale, ticket["ticket"], user))["admission_token"]
+    hold: dict[str, Any] = (await reserve(c, sale, user, token)).json()
+    return hold
+
+
 async def test_a_reservation_without_a_valid_admission_token_is_refused_with_403_not_admitted(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
@@ -150,9 +158,7 @@ async def test_admission_pauses_while_every_unit_is_held_and_resumes_when_one_co
     client: httpx.AsyncClient,
 ) -> None:
     sale = (await create_sale(client, waiting_room=room(admit_per_s=50), items=phone(1)))["id"]
-    first = (await join(client, sale, "first")).json()
-    token = (await admitted(client, sale, first["ticket"], "first"))["admission_token"]
-    hold = (await reserve(client, sale, "first", token)).json()
+    hold = await admitted_hold(client, sale, "first")
     waiting = (await join(client, sale, "second")).json()
     await asyncio.sleep(0.8)
     assert (await poll(client, sale, waiting["ticket"], "second"))["status"] == "waiting"
@@ -165,9 +171,7 @@ async def test_the_queue_closes_once_nothing_is_left_or_held_and_every_waiting_t
     client: httpx.AsyncClient,
 ) -> None:
     sale = (await create_sale(client, waiting_room=room(admit_per_s=50), items=phone(1)))["id"]
-    first = (await join(client, sale, "first")).json()
-    token = (await admitted(client, sale, first["ticket"], "first"))["admission_token"]
-    hold = (await reserve(client, sale, "first", token)).json()
+    hold = await admitted_hold(client, sale, "first")
     others = [(await join(client, sale, f"u{n}")).json() for n in range(3)]
     done = await client.post(
         f"/v1/reservations/{hold['reservation_id']}/confirm", json={"user_id": "first", "payment_ref": "p"}

@@ -37,12 +37,15 @@ async def backlog(redis: Client, keys: Keys, sale_id: str, extra: Sequence[str] 
 async def _stream(redis: Client, stream: str) -> tuple[int, list[int]]:
     """Events of one stream not yet in Postgres, and the time of the oldest (none: []). A stream
     that is not there (an extra slot its master lost) has none."""
-    if not await redis.exists(stream):
-        return 0, []
     pipe = redis.pipeline(transaction=True)
+    pipe.exists(stream)
     pipe.xinfo_groups(stream)
     pipe.xpending(stream, GROUP)
-    groups, pending = await pipe.execute()
+    there, groups, pending = await pipe.execute(raise_on_error=False)  # one round trip, gone or not
+    if not there:
+        return 0, []
+    if isinstance(groups, Exception) or isinstance(pending, Exception):
+        raise groups if isinstance(groups, Exception) else cast(Exception, pending)
     group = next(g for g in groups if g["name"] == GROUP)
     lag = group.get("lag")
     if lag is None:  # Redis could not tell: count what lies after the last delivered entry
