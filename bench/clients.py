@@ -59,6 +59,7 @@ from redis.commands.core import AsyncScript
 
 from flashsale.embedded import EmbeddedRedis
 from flashsale.keys import Keys
+from flashsale.reservations import fingerprint, reserve_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 RESERVE_LUA = (ROOT / "lua" / "reserve.lua").read_text()
@@ -104,21 +105,13 @@ class ItemKeys:
 
 
 def reserve_call(k: ItemKeys, n: int) -> Call:
-    """The 8 keys and 7 args Reservations.reserve sends, for a new user and idempotency key."""
+    """The keys and args Reservations.reserve sends (reservations.reserve_keys), for a new user
+    and idempotency key, no client given."""
     rid = f"{k.sale_id}.{n:022d}"
     user = f"u{n}"
     idem = f"k{n}"
-    keys = [
-        k.sale,
-        k.item,
-        k.users,
-        k.holds,
-        KEYS.reservation(k.sale_id, rid),
-        k.events,
-        KEYS.idempotency(k.sale_id, user, idem),
-        KEYS.rate(k.sale_id, user),
-    ]
-    return keys, [rid, user, k.sku, 1, f"{k.sku}:1", idem, 0]
+    keys = reserve_keys(KEYS, k.sale_id, rid, user, k.sku, idem, "")
+    return keys, [rid, user, k.sku, 1, fingerprint(k.sku, 1), idem, 0, "", "", "", ""]
 
 
 def is_ok(r: Any) -> bool:

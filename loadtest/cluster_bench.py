@@ -78,6 +78,7 @@ def command(keys: Keys, slot: str, sha: str, mode: str) -> list[str]:
         mode,
         "",
         "",
+        "",
     ]
 
 

@@ -19,6 +19,9 @@
 --         sold_out is then answered quietly, counted nowhere (only the caller knows whether the
 --         item as a whole is sold out: it moves stock here and asks again, or counts it)
 -- ARGV[9] the client's ip key ('' for none: clients.py)   ARGV[10] the client's device ('' for none)
+-- ARGV[11] '1' when the client's budgets were charged in their own slots (a sharded item:
+--          lua/budget_take.lua, budgets.py): ip and device are then only recorded on the hold,
+--          marked 'charged' so that settle.lua has the charge given back; '' otherwise
 -- Returns {'ok', created_ms, expires_ms}, {'replay', earlier rid}
 --      or {'err', code, number}  (number: available units, retry ms, or starts_ms).
 -- Sent twice (a client library resending after a lost connection), it makes one hold: the
@@ -30,6 +33,7 @@ local limits = redis.call('HMGET', KEYS[2], 'per_user_limit', 'per_ip_limit', 'p
 local limit = limits[1]
 if not limit then return {'err', 'not_found', 0} end
 local ip, device = ARGV[9], ARGV[10]
+local charged = ARGV[11] == '1'
 
 -- An attempt is counted once: here at once for an item in one slot; for a shard, with the answer
 -- that ends the request (a quiet sold_out ends nothing: the caller moves stock and asks again,
@@ -76,7 +80,7 @@ if max_rate > 0 then
   if n > max_rate then return reject('rate_limited', redis.call('PTTL', KEYS[8])) end
 end
 local ip_rate = tonumber(sale[5] or '0')
-if ip ~= '' and ip_rate > 0 then
+if ip ~= '' and ip_rate > 0 and not charged then
   local n = redis.call('INCR', KEYS[12])
   if n == 1 then redis.call('PEXPIRE', KEYS[12], 1000) end
   if n > ip_rate then return reject('rate_limited', redis.call('PTTL', KEYS[12])) end
@@ -86,7 +90,7 @@ if mine + qty > tonumber(limit) then return reject('limit_exceeded', tonumber(li
 -- Client budgets: units held + confirmed per client ip and device, in the same atomic step.
 local function budget(key, who, cap)
   cap = tonumber(cap or '0')
-  if who == '' or cap <= 0 then return nil end
+  if who == '' or cap <= 0 or charged then return nil end
   local used = tonumber(redis.call('HGET', key, who) or '0')
   if used + qty > cap then return cap - used end
   return nil
@@ -102,11 +106,13 @@ redis.call('HINCRBY', KEYS[2], 'available', -qty)
 redis.call('HINCRBY', KEYS[2], 'held', qty)
 redis.call('HINCRBY', KEYS[2], 'reservations', 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2], qty)
-if ip ~= '' then redis.call('HINCRBY', KEYS[10], ip, qty) end
-if device ~= '' then redis.call('HINCRBY', KEYS[11], device, qty) end
+if not charged then
+  if ip ~= '' then redis.call('HINCRBY', KEYS[10], ip, qty) end
+  if device ~= '' then redis.call('HINCRBY', KEYS[11], device, qty) end
+end
 redis.call('HSET', KEYS[5], 'rid', ARGV[1], 'sku', ARGV[3], 'user', ARGV[2], 'qty', qty,
   'status', 'held', 'created_ms', now, 'expires_ms', expires, 'idem', ARGV[6], 'ip', ip,
-  'device', device)
+  'device', device, 'charged', ARGV[11])
 redis.call('ZADD', KEYS[4], expires, ARGV[1])
 if ARGV[6] ~= '' then
   -- Kept as long as the sale's data: a key can never make a second reservation in one sale.

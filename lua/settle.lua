@@ -6,11 +6,13 @@
 -- KEYS[3] holds zset        fs:{S}:holds:SKU
 -- KEYS[4] event stream      fs:{S}:events
 -- KEYS[5] client ip units     fs:{S}:ips:SKU       KEYS[6] client device units fs:{S}:devices:SKU
--- KEYS[7..] reservation hashes fs:{S}:res:RID, all of this one sku
+-- KEYS[7] refunds hash   fs:{S}:refunds   rid -> sku, of released holds whose client budgets
+--         were charged in other slots (reserve.lua ARGV[11]): budgets.py gives them back there
+-- KEYS[8..] reservation hashes fs:{S}:res:RID, all of this one sku
 -- ARGV[1] action: confirm | cancel | expire
 -- ARGV[2] user id the caller claims ('' for expire)   ARGV[3] payment ref ('' unless confirm)
 -- ARGV[4] the changes channel   ARGV[5] the sale id (published there when units come back)
--- ARGV[6..] the reservation ids, in the order of KEYS[7..]
+-- ARGV[6..] the reservation ids, in the order of KEYS[8..]
 -- confirm/cancel return {'ok'|'err', code, rid, sku, user, qty, status, created_ms, expires_ms,
 -- final_ms, payment_ref}; expire returns the number of holds it expired.
 local action = ARGV[1]
@@ -33,33 +35,37 @@ local function release(key, rid, r, status, counter)
   redis.call('HINCRBY', KEYS[1], 'held', -qty)
   redis.call('HINCRBY', KEYS[1], counter, qty)
   redis.call('HINCRBY', KEYS[2], r[1], -qty)
-  if r[8] and r[8] ~= '' then redis.call('HINCRBY', KEYS[5], r[8], -qty) end
-  if r[9] and r[9] ~= '' then redis.call('HINCRBY', KEYS[6], r[9], -qty) end
+  if r[10] == '1' then
+    redis.call('HSET', KEYS[7], rid, r[2])
+  else
+    if r[8] and r[8] ~= '' then redis.call('HINCRBY', KEYS[5], r[8], -qty) end
+    if r[9] and r[9] ~= '' then redis.call('HINCRBY', KEYS[6], r[9], -qty) end
+  end
   record(key, rid, r, status)
   released = true
 end
 
 local function fields(key)
   return redis.call('HMGET', key, 'user', 'sku', 'qty', 'status', 'expires_ms', 'created_ms', 'idem',
-    'ip', 'device')
+    'ip', 'device', 'charged')
 end
 
 if action == 'expire' then
   local n = 0
-  for i = 7, #KEYS do
+  for i = 8, #KEYS do
     local r = fields(KEYS[i])
     if r[4] == 'held' and tonumber(r[5]) <= now then
-      release(KEYS[i], ARGV[i - 1], r, 'expired', 'expired')
+      release(KEYS[i], ARGV[i - 2], r, 'expired', 'expired')
       n = n + 1
     elseif r[4] ~= 'held' then
-      redis.call('ZREM', KEYS[3], ARGV[i - 1])  -- settled already: only its index entry was left
+      redis.call('ZREM', KEYS[3], ARGV[i - 2])  -- settled already: only its index entry was left
     end
   end
   if released then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
   return n
 end
 
-local key, rid = KEYS[7], ARGV[6]
+local key, rid = KEYS[8], ARGV[6]
 local r = fields(key)
 if not r[1] or r[1] ~= ARGV[2] then return {'err', 'not_found'} end
 local code = 'ok'

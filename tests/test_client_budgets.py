@@ -4,16 +4,19 @@ reserve script with the per-user limit, exact under concurrency; attempts per ip
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from redis.asyncio import Redis
 
+from flashsale import budgets, shards
 from flashsale.keys import Keys
+from flashsale.reservations import fingerprint, new_rid, reserve_keys
+from flashsale.sales import now_ms
 from flashsale.scripts import Scripts
 from flashsale.sweeper import sweep_once
 
-from .conftest import OPS, create_sale
+from .conftest import create_sale
 
 
 def phone(stock: int = 100, **limits: Any) -> list[dict[str, Any]]:
@@ -103,16 +106,119 @@ async def test_a_malformed_client_is_a_clear_422_that_changes_nothing(client: ht
     assert got["held"] == 0
 
 
-async def test_client_budgets_on_a_sharded_item_are_refused_at_creation(client: httpx.AsyncClient) -> None:
-    r = await client.post(
-        "/v1/sales",
-        json={
-            "id": "budget-shards",
-            "name": "x",
-            "starts_at": "2026-01-01T00:00:00Z",
-            "ends_at": "2030-01-01T00:00:00Z",
-            "items": phone(shards=3, per_ip_limit=2),
-        },
-        headers=OPS,
+async def test_500_accounts_behind_3_addresses_hold_at_most_3_times_the_per_ip_limit_across_a_sharded_item(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=4)))["id"]
+    addresses = ["203.0.113.7", "198.51.100.23", "2001:db8:aa:1::5"]
+    gate = asyncio.Semaphore(100)
+
+    async def bot(n: int) -> httpx.Response:
+        async with gate:
+            return await reserve(client, sale, f"bot{n}", ip=addresses[n % 3])
+
+    answers = await asyncio.gather(*(bot(n) for n in range(500)))
+    won = [r.json() for r in answers if r.status_code == 201]
+    assert len(won) == 12
+    assert {r.json()["error"]["code"] for r in answers if r.status_code != 201} == {"limit_exceeded"}
+    assert len({r["reservation_id"].split(".")[0] for r in won}) > 1  # the holds are in several shards
+    slots = await shard_slots(redis, keys, sale)
+    for ip in ("203.0.113.7", "198.51.100.23", "2001:db8:aa:1::/64"):  # each counted in one shard, exactly
+        assert [int(await redis.hget(keys.ips(s, "phone"), ip) or 0) for s in slots].count(4) == 1
+
+
+async def test_the_per_device_limit_of_a_sharded_item_is_exact_under_concurrency(client: httpx.AsyncClient) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_device_limit=3)))["id"]
+    answers = await asyncio.gather(*(reserve(client, sale, f"u{n}", device="phone-7f3a") for n in range(60)))
+    assert sum(r.status_code == 201 for r in answers) == 3
+
+
+async def test_ip_rate_per_s_counts_an_address_once_over_the_shards_of_an_item(client: httpx.AsyncClient) -> None:
+    sale = (await create_sale(client, ip_rate_per_s=5, items=phone(shards=3)))["id"]
+    answers = [await reserve(client, sale, f"u{n}", ip="192.0.2.8") for n in range(8)]
+    assert [r.status_code for r in answers] == [201] * 5 + [429] * 3
+
+
+async def test_a_refused_hold_on_a_shard_gives_the_clients_charge_back(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=2)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    counted = budgets.places(slots, "192.0.2.4", "")
+    user = next(u for u in (f"u{n}" for n in range(100)) if shards.home(slots, u) not in counted)
+    assert (await reserve(client, sale, user, ip="192.0.2.4")).status_code == 201
+    again = await reserve(client, sale, user, ip="192.0.2.4")  # past the per-user limit, in the user's shard
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "limit_exceeded")
+    assert await redis.hget(keys.ips(next(iter(counted)), "phone"), "192.0.2.4") == "1"
+    assert (await reserve(client, sale, "another", ip="192.0.2.4")).status_code == 201
+
+
+async def test_a_cancel_or_an_expiry_on_a_shard_gives_the_clients_budget_back(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    sale = (await create_sale(client, hold_seconds=1, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    counted = next(iter(budgets.places(slots, "192.0.2.4", "")))
+    users = (u for u in (f"u{n}" for n in range(1000)) if shards.home(slots, u) != counted)
+    first = (await reserve(client, sale, next(users), ip="192.0.2.4")).json()
+    assert (await reserve(client, sale, next(users), ip="192.0.2.4")).status_code == 409
+    cancel = await client.post(f"/v1/reservations/{first['reservation_id']}/cancel", json={"user_id": first["user_id"]})
+    assert cancel.status_code == 200
+    assert (await reserve(client, sale, next(users), ip="192.0.2.4")).status_code == 201  # at once
+    await asyncio.sleep(1.1)
+    await sweep_once(redis, keys, scripts, 100)
+    assert (await reserve(client, sale, next(users), ip="192.0.2.4")).status_code == 201
+    assert await redis.hget(keys.ips(counted, "phone"), "192.0.2.4") == "1"
+
+
+async def test_a_charge_whose_hold_never_came_is_given_back_and_its_hold_can_never_be_made(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    where = budgets.places(slots, "192.0.2.4", "")
+    counted = next(iter(where))
+    user = next(u for u in (f"u{n}" for n in range(100)) if shards.home(slots, u) != counted)
+    rid = new_rid(shards.home(slots, user))
+    owed = budgets.Budgets(redis, keys, scripts)
+    assert await owed.charge(where, "phone", rid, 1) is None  # ... and the API process dies here
+    assert (await reserve(client, sale, "other", ip="192.0.2.4")).status_code == 409
+    assert await owed.repair(counted, "phone", now_ms() - budgets.PENDING_MS) == 0  # not yet overdue
+    assert await owed.repair(counted, "phone", now_ms() + 1) == 1
+    late = await hold(scripts, keys, shards.home(slots, user), rid, user)
+    assert late[0] == "replay"
+    got = (await client.get(f"/v1/sales/{sale}")).json()["items"][0]
+    assert got["held"] == 0
+    assert (await reserve(client, sale, "other", ip="192.0.2.4")).status_code == 201
+
+
+async def test_a_charge_whose_hold_was_made_but_not_reported_is_kept(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    where = budgets.places(slots, "192.0.2.4", "")
+    counted = next(iter(where))
+    user = next(u for u in (f"u{n}" for n in range(100)) if shards.home(slots, u) != counted)
+    rid = new_rid(shards.home(slots, user))
+    owed = budgets.Budgets(redis, keys, scripts)
+    assert await owed.charge(where, "phone", rid, 1) is None
+    assert (await hold(scripts, keys, shards.home(slots, user), rid, user))[0] == "ok"  # ... and then it dies
+    assert await owed.repair(counted, "phone", now_ms() + 1) == 0
+    assert await redis.zcard(keys.pending(counted, "phone")) == 0
+    assert (await reserve(client, sale, "other", ip="192.0.2.4")).status_code == 409
+    cancel = await client.post(f"/v1/reservations/{rid}/cancel", json={"user_id": user})
+    assert cancel.status_code == 200
+    assert (await reserve(client, sale, "other", ip="192.0.2.4")).status_code == 201
+
+
+async def shard_slots(redis: Redis, keys: Keys, sale_id: str) -> list[str]:
+    return [sale_id, *cast(str, await redis.hget(keys.sale(sale_id), "slots")).split(",")]
+
+
+async def hold(scripts: Scripts, keys: Keys, slot: str, rid: str, user: str) -> Any:
+    """lua/reserve.lua for ``rid`` in ``slot``, its client charged elsewhere: what the API's next step is."""
+    return await scripts.reserve(
+        keys=reserve_keys(keys, slot, rid, user, "phone", "", "192.0.2.4"),
+        args=[rid, user, "phone", 1, fingerprint("phone", 1), "", 0, "shard", "192.0.2.4", "", "1"],
     )
-    assert (r.status_code, r.json()["error"]["fields"]) == (422, ["items"])

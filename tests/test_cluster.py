@@ -165,6 +165,27 @@ async def test_a_hot_item_with_three_shards_runs_on_three_masters_and_sells_exac
     assert not (await reconcile(cluster_redis, pg, keys, sale)).differences
 
 
+async def test_client_budgets_of_a_hot_item_on_three_masters_are_exact(
+    on_cluster: Settings, cluster_redis: Any, cluster_client: httpx.AsyncClient
+) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    hot = {"sku": "phone", "name": "P", "price_cents": 1, "stock": 100, "per_user_limit": 1, "shards": 3}
+    sale = (await create_sale(cluster_client, items=[hot | {"per_ip_limit": 5}]))["id"]
+    addresses = ["203.0.113.7", "198.51.100.23", "192.0.2.99"]
+
+    async def bot(n: int) -> httpx.Response:
+        body = {"user_id": f"bot{n}", "sku": "phone", "client": {"ip": addresses[n % 3]}}
+        return await cluster_client.post(f"/v1/sales/{sale}/reservations", json=body)
+
+    answers = await asyncio.gather(*(bot(n) for n in range(150)))
+    won = [r.json()["reservation_id"] for r in answers if r.status_code == 201]
+    assert len(won) == 15
+    assert len({rid.split(".")[0] for rid in won}) > 1  # held on several masters, counted on one per address
+    slots = [sale, *(await cluster_redis.hget(keys.sale(sale), "slots")).split(",")]
+    for ip in addresses:
+        assert sorted([int(await cluster_redis.hget(keys.ips(s, "phone"), ip) or 0) for s in slots]) == [0, 0, 5]
+
+
 async def test_a_cancel_on_a_cluster_makes_its_unit_reservable_again_after_sold_out_was_answered_from_memory(
     cluster_client: httpx.AsyncClient,
 ) -> None:

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Match, Route
 
 from . import admin, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper, waiting
 from .auth import KeyRing
+from .budgets import Budgets
 from .coalesce import Coalescer
 from .errors import ApiError, store_unavailable
 from .keys import Keys
@@ -170,6 +171,7 @@ def create_app(settings: Settings) -> Starlette:
                 Routes(redis, keys),
                 Mover(redis, keys, scripts),
                 tokens,
+                Budgets(redis, keys, scripts),
             ),
             room=room,
         )

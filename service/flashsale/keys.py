@@ -106,6 +106,22 @@ class Keys:
     def devices(self, slot: str, sku: str) -> str:
         return f"{self._sale(slot)}:devices:{sku}"
 
+    # HASH per item, in the slot a client's budget of a sharded item is counted in (budgets.py):
+    # rid -> json {qty, ip, device}, the units charged to that client for the hold, until given
+    # back (refused, cancelled, expired: lua/budget_give.lua). Lives with the sale.
+    def charges(self, slot: str, sku: str) -> str:
+        return f"{self._sale(slot)}:charges:{sku}"
+
+    # ZSET per item, beside charges: rid -> ms charged, until the API saw the hold made or refused;
+    # the sweeper settles one left longer (a process died between charge and hold).
+    def pending(self, slot: str, sku: str) -> str:
+        return f"{self._sale(slot)}:pending:{sku}"
+
+    # HASH rid -> sku, in a sharded item's shard: released holds whose budget charges wait to be
+    # given back in the slots that counted them (lua/settle.lua; drained by budgets.py).
+    def refunds(self, slot: str) -> str:
+        return f"{self._sale(slot)}:refunds"
+
     # STRING counter, PX 1 s: attempts from one client ip on one sale in the current second.
     def ip_rate(self, slot: str, ip: str) -> str:
         return f"{self._sale(slot)}:iprate:{ip}"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from . import metrics, shards
+from . import budgets, metrics, shards
 from .connection import Client
 from .errors import ApiError
 from .keys import Keys
@@ -112,6 +112,7 @@ async def settle(
             keys.events(slot),
             keys.ips(slot, sku),
             keys.devices(slot, sku),
+            keys.refunds(slot),
             *(keys.reservation(slot, r) for r in rids),
         ],
         args=[action, user_id, payment_ref, keys.changes, shards.sale_of_slot(slot), *rids],
@@ -142,6 +143,7 @@ class Reservations:
     routes: shards.Routes
     mover: shards.Mover
     tokens: Tokens
+    budgets: budgets.Budgets
 
     async def reserve(
         self,
@@ -189,11 +191,15 @@ class Reservations:
         idem: str,
         mode: str,
         client: tuple[str, str] = ("", ""),
+        rid: str = "",
+        charged: bool = False,
     ) -> tuple[Reservation, bool] | ApiError:
-        """One call to lua/reserve.lua in ``slot``; a refusal that holds for everyone is remembered."""
+        """One call to lua/reserve.lua in ``slot``; a refusal that holds for everyone is remembered.
+        ``rid``: the id to make (a new one if ''); ``charged``: the client's budgets were taken in
+        their own slots (budgets.py)."""
         k = self.keys
         ticket = self.verdicts.ticket(sale_id)
-        rid = new_rid(slot)
+        rid = rid or new_rid(slot)
         result = await self.scripts.reserve(
             keys=reserve_keys(k, slot, rid, user_id, sku, idem, client[0]),
             args=[
@@ -206,6 +212,7 @@ class Reservations:
                 self.settings.user_rate_per_s,
                 mode,
                 *client,
+                "1" if charged else "",
             ],
         )
         if result[0] == "ok":
@@ -213,7 +220,14 @@ class Reservations:
             values = [rid, sku, user_id, str(quantity), "held", created, expires, None, None]
             return to_reservation(sale_id, values), True
         if result[0] == "replay":
-            return await self.get(result[1], user_id), False
+            try:
+                return await self.get(result[1], user_id), False
+            except ApiError:
+                if result[1] != rid:
+                    raise
+                # This very id, and no hold: the sweeper gave up on it (budgets.py, a charge
+                # that waited too long) and left a tombstone so that it is never made.
+                return ApiError("unavailable", "the reservation took too long: try again", retry_after=1)
         code, number = result[1], int(result[2])
         if not (mode and code == "sold_out"):  # a shard's sold_out is not the item's
             self.verdicts.remember(sale_id, sku, code, number, ticket)
@@ -223,9 +237,13 @@ class Reservations:
         self, sale_id: str, slots: list[str], user_id: str, sku: str, quantity: int, idem: str, client: tuple[str, str]
     ) -> tuple[Reservation, bool] | ApiError:
         """In the user's shard; when it is short, stock moved there from the others (shards.py)
-        and asked again, or sold_out if the item as a whole is short."""
+        and asked again, or sold_out if the item as a whole is short. The client's budgets are
+        charged first where they are counted, unless that is the user's shard too (budgets.py)."""
         slot = shards.home(slots, user_id)
-        ticket = self.verdicts.ticket(sale_id)
+        counts_ip, counts_device = await self.routes.counted(sale_id, sku)
+        where = budgets.places(slots, client[0] if counts_ip else "", client[1] if counts_device else "")
+        charged = bool(where) and set(where) != {slot}
+        rid = new_rid(slot)
         claimed = False
         if idem and slot != sale_id:  # in the sale's own slot the script's own key is the sale's
             claim = await self._claim(sale_id, slot, user_id, sku, quantity, idem)
@@ -233,27 +251,56 @@ class Reservations:
                 self.tally.refused(sale_id, sku, claim.code)
                 return claim
             claimed = claim
+        refusal = await self._charge(sale_id, sku, rid, quantity, where) if charged else None
+        outcome = refusal or await self._hold_in_shard(
+            sale_id, slots, slot, user_id, sku, quantity, idem, client, rid, charged
+        )
+        made = not isinstance(outcome, ApiError) and outcome[0].reservation_id == rid
+        if charged and made:
+            await self.budgets.kept(list(where), sku, rid)
+        elif charged:  # refused, or a replay of another request's hold: this one charged for nothing
+            await self.budgets.give(list(where), sku, [rid])
+        if claimed and isinstance(outcome, ApiError):  # a refused attempt may be tried again with another body
+            await self.scripts.calls.call("DEL", self.keys.idempotency(sale_id, user_id, idem))
+        return outcome
+
+    async def _charge(
+        self, sale_id: str, sku: str, rid: str, quantity: int, where: dict[str, tuple[str, str]]
+    ) -> ApiError | None:
+        refused = await self.budgets.charge(where, sku, rid, quantity)
+        if refused is None:
+            return None
+        self.tally.refused(sale_id, sku, refused[0])
+        return reject(*refused)
+
+    async def _hold_in_shard(
+        self,
+        sale_id: str,
+        slots: list[str],
+        slot: str,
+        user_id: str,
+        sku: str,
+        quantity: int,
+        idem: str,
+        client: tuple[str, str],
+        rid: str,
+        charged: bool,
+    ) -> tuple[Reservation, bool] | ApiError:
+        ticket = self.verdicts.ticket(sale_id)
         for attempt in range(MOVE_TRIES):
-            outcome = await self._reserve_in(sale_id, slot, user_id, sku, quantity, idem, "shard", client)
-            if not isinstance(outcome, ApiError):
+            outcome = await self._reserve_in(sale_id, slot, user_id, sku, quantity, idem, "shard", client, rid, charged)
+            if not isinstance(outcome, ApiError) or outcome.code != "sold_out":
                 return outcome
-            if outcome.code != "sold_out":
-                break
             left = await self.mover.gather(sale_id, sku, slots, slot, quantity)
             if left < quantity:  # read once more: a cancel in one shard and a hold in another can cross the reads
                 left = await self.mover.gather(sale_id, sku, slots, slot, quantity)
             if left < quantity:
                 self.tally.refused(sale_id, sku, "sold_out")
                 self.verdicts.remember(sale_id, sku, "sold_out", max(left, 0), ticket)
-                outcome = reject("sold_out", max(left, 0))
-                break
+                return reject("sold_out", max(left, 0))
             await asyncio.sleep(0.005 * attempt)  # units on their way here from another request's move
-        else:
-            self.tally.refused(sale_id, sku, "unavailable")
-            outcome = ApiError("unavailable", "the item's stock is moving between its shards: try again", retry_after=1)
-        if claimed:  # only a success keeps its key: a refused attempt may be tried again with another body
-            await self.scripts.calls.call("DEL", self.keys.idempotency(sale_id, user_id, idem))
-        return outcome
+        self.tally.refused(sale_id, sku, "unavailable")
+        return ApiError("unavailable", "the item's stock is moving between its shards: try again", retry_after=1)
 
     async def _claim(
         self, sale_id: str, slot: str, user_id: str, sku: str, quantity: int, idem: str
@@ -305,6 +352,8 @@ class Reservations:
         if sku is None:
             raise ApiError("not_found", "no such reservation")
         result = await settle(self.scripts, k, slot, sku, action, [rid], user_id, payment_ref)
+        if any(await self.routes.counted(sale_id, sku)):  # a hold released here gives its client budget back
+            await self.budgets.refund(slot, {sku: await self.routes.item(sale_id, sku)}, [rid])
         if result[1] == "not_found":
             raise ApiError("not_found", "no such reservation")
         if result[0] == "err":

@@ -99,12 +99,6 @@ def unique_skus(items: Sequence[ItemIn]) -> None:
     skus = [i.sku for i in items]
     if len(set(skus)) != len(skus):
         raise ApiError("invalid_request", "each item needs its own sku", fields=["items"])
-    if any(i.shards > 1 and (i.per_ip_limit or i.per_device_limit) for i in items):
-        raise ApiError(
-            "invalid_request",
-            "per_ip_limit and per_device_limit are exact within one slot: not yet with shards above 1",
-            fields=["items"],
-        )
 
 
 def limits(item: ItemIn) -> list[int]:

@@ -35,6 +35,9 @@ NAMES = (
     "queue_poll",
     "queue_tick",
     "queue_control",
+    "budget_take",
+    "budget_give",
+    "budget_void",
 )
 
 
@@ -69,6 +72,9 @@ class Scripts:
     queue_poll: Script
     queue_tick: Script
     queue_control: Script
+    budget_take: Script
+    budget_give: Script
+    budget_void: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

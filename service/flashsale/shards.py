@@ -27,7 +27,7 @@ import logging
 import secrets
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from redis.asyncio import RedisCluster
@@ -150,23 +150,30 @@ class Routes:
     """Per sale, what reserve needs to know before its script and what never changes once the
     sale is created, read once per process: the slots of each sharded item, the extra slots (an
     update cannot change a sharded sale's items, nor shard an item later, and recover loads them
-    again from Postgres), and whether it has a waiting room (set at creation only)."""
+    again from Postgres), which client keys a sharded item counts (its per_ip_limit and
+    per_device_limit, the sale's ip_rate_per_s: budgets.py) and whether the sale has a waiting
+    room (set at creation only)."""
 
     def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._sales: dict[str, tuple[dict[str, list[str]], list[str], bool]] = {}
+        self._sales: dict[str, Route] = {}
 
     def learn(self, doc: SaleDoc) -> None:
         sharded = {i.sku: slots_of(doc, i) for i in doc.items if i.shards > 1}
-        self._sales[doc.id] = (sharded, list(doc.slots), doc.waiting_room is not None)
+        counted = {
+            i.sku: (bool(i.per_ip_limit or doc.ip_rate_per_s), bool(i.per_device_limit))
+            for i in doc.items
+            if i.shards > 1
+        }
+        self._sales[doc.id] = Route(sharded, counted, list(doc.slots), doc.waiting_room is not None)
 
-    async def _of(self, sale_id: str) -> tuple[dict[str, list[str]], list[str], bool]:
+    async def _of(self, sale_id: str) -> Route:
         known = self._sales.get(sale_id)
         if known is None:
             raw = await self.redis.hget(self.keys.sale(sale_id), "doc")
             if raw is None:
-                return {}, [], False  # no such sale (yet): the scripts say not_found; nothing is remembered
+                return NOWHERE  # no such sale (yet): the scripts say not_found; nothing is remembered
             self.learn(msgspec.json.decode(raw, type=SaleDoc))
             known = self._sales[sale_id]
         return known
@@ -175,15 +182,29 @@ class Routes:
         self._sales.pop(sale_id, None)
 
     async def waiting_room(self, sale_id: str) -> bool:
-        return (await self._of(sale_id))[2]
+        return (await self._of(sale_id)).waiting_room
 
     async def item(self, sale_id: str, sku: str) -> list[str]:
         """The slots of an item, the sale's own first: just that one for an item not sharded."""
-        return (await self._of(sale_id))[0].get(sku, [sale_id])
+        return (await self._of(sale_id)).sharded.get(sku, [sale_id])
+
+    async def counted(self, sale_id: str, sku: str) -> tuple[bool, bool]:
+        """Whether a sharded item counts its clients' ip, and their device (budgets.py)."""
+        return (await self._of(sale_id)).counted.get(sku, (False, False))
 
     async def slots(self, sale_id: str) -> list[str]:
         """Every slot of the sale, its own first."""
-        return [sale_id, *(await self._of(sale_id))[1]]
+        return [sale_id, *(await self._of(sale_id)).extra]
+
+
+class Route(NamedTuple):
+    sharded: dict[str, list[str]]  # sku -> its slots, of each sharded item
+    counted: dict[str, tuple[bool, bool]]  # sku -> (ip counted, device counted), of each sharded item
+    extra: list[str]
+    waiting_room: bool
+
+
+NOWHERE = Route({}, {}, [], False)
 
 
 class Mover:
