@@ -72,6 +72,11 @@ class Records:
     server_errors: int = 0  # 5xx other than 503: the contract allows none
     expectations: list[str] = field(default_factory=list)  # what the scenario must show, unmet ones
     notes: list[str] = field(default_factory=list)
+    # A waiting room's side (loadtest/queue_verdict.py): one dict per ticket a client followed
+    # (user, early, sent_ms, joined_ms, admitted_ms, last_waiting_ms, final, reason), and the
+    # sale's /progress read twice a second (at_ms, waiting, admitted, expired, available, held, closed).
+    tickets: list[dict[str, Any]] = field(default_factory=list)
+    queue_samples: list[dict[str, Any]] = field(default_factory=list)
 
     def answer(self, endpoint: str, status: int, code: str = "") -> None:
         self.answers[f"{endpoint} {status} {code}".rstrip()] += 1
@@ -236,6 +241,8 @@ def merge(parts: Sequence[Part]) -> Part:
         for text in one.anomalies:
             rec.anomaly(text)
         rec.notes += [n for n in one.notes if n not in rec.notes]
+        rec.tickets += one.tickets
+        rec.queue_samples += one.queue_samples
         for name, times in part.samples.items():
             samples[name] += times
         failures.update(part.failures)

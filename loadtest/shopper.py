@@ -481,37 +481,65 @@ class Shopper(FastHttpUser):
                 resp.failure(f"{status} {code}".strip() if status else f"no answer: {resp.error!r}")
         return Answer(status, data, code, retry)
 
-    def reserve(self, sku: str, qty: int, key: str | None = None, client: FastHttpSession | None = None) -> Answer:
-        """One reservation request; the answer is recorded whatever it is."""
+    def reserve(
+        self,
+        sku: str,
+        qty: int,
+        key: str | None = None,
+        client: FastHttpSession | None = None,
+        token: str | None = None,
+        end_user: dict[str, str] | None = None,
+        name: str = "reserve",
+    ) -> Answer:
+        """One reservation request; the answer is recorded whatever it is. ``token``: the
+        Admission-Token of a waiting room; ``end_user``: the body's ``client`` (ip, device)."""
         key = key or secrets.token_urlsafe(12)
         rec = self.records
         rec.attempts += 1
-        name = "POST reserve" + (f" {GIVES_UP}" if client is not None else "")
+        endpoint = "POST reserve" + (f" {GIVES_UP}" if client is not None else "")
+        headers = {"Idempotency-Key": key} | ({"Admission-Token": token} if token is not None else {})
+        body: dict[str, Any] = {"user_id": self.user_id, "sku": sku, "quantity": qty}
+        if end_user:
+            body["client"] = end_user
         a = self._send(
             "POST",
             f"/v1/sales/{self.sale['id']}/reservations",
-            name,
-            {"user_id": self.user_id, "sku": sku, "quantity": qty},
-            {"Idempotency-Key": key},
+            endpoint,
+            body,
+            headers,
             client,
-            expected=(200, 201, 409, 410, 429),
+            expected=(200, 201, 403, 409, 410, 429),
         )
-        rec.answer("abuser reserve" if self.user_id in rec.abusers else "reserve", a.status, a.code)
+        rec.answer("abuser reserve" if self.user_id in rec.abusers else name, a.status, a.code)
         if a.ok and a.body is not None:
             if a.body.get("user_id") != self.user_id or a.body.get("sku") != sku or a.body.get("quantity") != qty:
                 rec.anomaly(f"reserve for {self.user_id} {sku} x{qty} answered with {a.body}")
             else:
                 rec.ack(a.body, key)
-        elif a.status and a.status not in (409, 429, 503):
+        elif a.status and a.status not in (409, 429, 503) and not (a.status == 403 and a.code == "not_admitted"):
             rec.anomaly(f"reserve {a.status} {a.code}")
         return a
 
-    def reserve_until_answered(self, sku: str, qty: int, key: str | None = None, tries: int = 6) -> Answer:
+    def join(self, end_user: dict[str, str] | None = None) -> Answer:
+        """Joins the sale's waiting room (201 new, 200 the ticket this user had)."""
+        body: dict[str, Any] = {"user_id": self.user_id} | ({"client": end_user} if end_user else {})
+        a = self._send("POST", f"/v1/sales/{self.sale['id']}/queue", "POST queue", body)
+        self.records.answer("join", a.status, a.code)
+        return a
+
+    def poll(self, ticket: str) -> Answer:
+        a = self._send("GET", f"/v1/sales/{self.sale['id']}/queue/{ticket}?user_id={self.user_id}", "GET ticket")
+        self.records.answer("poll", a.status, a.code)
+        return a
+
+    def reserve_until_answered(
+        self, sku: str, qty: int, key: str | None = None, tries: int = 6, token: str | None = None
+    ) -> Answer:
         """Sends the same request (same Idempotency-Key) again while there is no answer."""
         key = key or secrets.token_urlsafe(12)
         a = Answer(0, None)
         for n in range(tries):
-            a = self.reserve(sku, qty, key)
+            a = self.reserve(sku, qty, key, token=token)
             if not a.unanswered:
                 return a
             gevent.sleep(max(a.retry_after, 0.2 * 2**n) * random.uniform(0.8, 1.2))

@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from loadtest import queue_verdict
 from loadtest.records import FOREVER, Records, peak
 
 EXPECTED = {  # the client's last view -> the statuses Postgres may have for it
@@ -68,6 +69,7 @@ class Verdict:
     details: list[str] = field(default_factory=list)
     breaches: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    queue: dict[str, Any] | None = None  # a waiting room's numbers (queue_verdict.py)
 
     @property
     def passed(self) -> bool:
@@ -277,6 +279,14 @@ async def judge(rec: Records) -> Verdict:
         conn = await asyncpg.connect(os.environ["DATABASE_URL"])
         try:
             pg_keys, pg_users = await check_postgres(v, rec, conn, drained_at_ms)
+            if rec.sale.get("waiting_room"):
+                rows = await conn.fetch(
+                    "SELECT user_id, quantity, status, created_at, confirmed_at, released_at, expired_at"
+                    " FROM reservations WHERE sale_id = $1",
+                    v.sale_id,
+                )
+                v.queue, found = queue_verdict.judge(rec, [dict(r) for r in rows])
+                v.breaches += found
         finally:
             await conn.close()
         if progress is not None:
@@ -344,6 +354,8 @@ def table(v: Verdict) -> str:
         lines.append(
             f"  progress: persisted {v.progress.get('persisted')}, queue_backlog {v.progress.get('queue_backlog')}"
         )
+    if v.queue is not None:
+        lines += ["", *_rows((name, value, "") for name, value in v.queue.items()), ""]
     lines.append(f"  queue drained in {v.drain_s} s")
     lines += ["  " + line for line in v.reconcile.splitlines()]
     lines += [f"  detail: {d}" for d in v.details[:30]]

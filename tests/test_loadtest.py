@@ -14,12 +14,14 @@ import json
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from loadtest import queue_verdict
 from loadtest.bench import parse_wrk
 from loadtest.records import FOREVER, Acked, Part, Records, merge, peak
 from loadtest.verdict import Verdict, check_client, drain
@@ -259,3 +261,87 @@ Requests/sec:   4865.10
 """
     r = parse_wrk("a", out)
     assert (r.rps, r.p50_ms, r.p99_ms, r.requests, r.non_2xx, r.socket_errors) == (4865.1, 0.812, 1200.0, 48651, 17, 3)
+
+
+@pytest.mark.timeout(200)
+async def test_the_waiting_room_admits_fairly_follows_the_stock_and_lets_nobody_in_without_a_token(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    code, lines, verdict = await run_scenario(settings, tmp_path, "waiting_room", 300, "24s")
+    assert lines[-1] == "PASS", "\n".join(lines[-60:])
+    assert code == 0
+    q = verdict["queue"]
+    assert q["admitted pre-start joiners"] >= 20 and q["admitted later joiners"] > 0
+    assert q["left without polling"] > 0 and q["pause: s with every unit out"] > 0
+    assert q["closed: tickets told sold_out"] > 0  # it sold out, and the line was told so
+    assert verdict["answers"]["sneak reserve 403 not_admitted"] > 0
+
+
+def queue_records(tickets: list[dict[str, Any]], samples: list[dict[str, Any]] | None = None) -> Records:
+    sale = {
+        "id": "s",
+        "starts_at": "2026-01-01T00:00:00+00:00",
+        "waiting_room": {"admit_per_s": 10},
+        "items": [{"sku": "a", "stock": 2, "per_user_limit": 1}],
+    }
+    rec = Records(scenario="unit", sale=sale, base_url="http://127.0.0.1:9")
+    rec.tickets, rec.queue_samples = tickets, samples or []
+    return rec
+
+
+def ticket(n: int, early: bool, sent: int, admitted: int | None) -> dict[str, Any]:
+    return {"user": f"u{n}", "early": early, "sent_ms": sent, "joined_ms": sent + 5, "admitted_ms": admitted} | {
+        "final": "waiting" if admitted is None else "admitted",
+        "last_waiting_ms": None,
+        "reason": None,
+    }
+
+
+OPENS = 1_767_225_600_000  # the unit sale's starts_at, ms
+
+
+def test_pre_start_joiners_admitted_in_their_join_order_fail_the_shuffle_check() -> None:
+    in_order = [ticket(n, True, OPENS - 5000 + n * 10, OPENS + n * 100) for n in range(30)]
+    _, breaches = queue_verdict.judge(queue_records(in_order), [])
+    assert any("join order" in b for b in breaches)
+    shuffled = [ticket(n, True, OPENS - 5000 + n * 10, OPENS + ((n * 7) % 30) * 100) for n in range(30)]
+    summary, breaches = queue_verdict.judge(queue_records(shuffled), [])
+    assert not any("join order" in b for b in breaches), summary
+
+
+def test_later_joiners_admitted_out_of_their_order_fail_the_fifo_check() -> None:
+    early = [ticket(n, True, OPENS - 5000 + n * 10, OPENS + ((n * 7) % 30) * 100) for n in range(30)]
+    late = [ticket(100, False, OPENS + 100, OPENS + 9000), ticket(101, False, OPENS + 200, OPENS + 8000)]
+    _, breaches = queue_verdict.judge(queue_records(early + late), [])
+    assert any("out of their order" in b for b in breaches)
+
+
+def test_a_line_that_stops_moving_while_units_are_free_fails_the_stall_check() -> None:
+    samples = [
+        {"at_ms": OPENS + 1000 + k * 500, "waiting": 5, "admitted": 3, "expired": 0, "closed": None}
+        | {"available": 1, "held": 1}
+        for k in range(6)
+    ]
+    assert queue_verdict.stalls(samples, OPENS) == [(OPENS + 1000, 2500)]
+    moving = [s | {"admitted": k} for k, s in enumerate(samples)]
+    assert queue_verdict.stalls(moving, OPENS) == []
+
+
+def test_an_admission_while_every_unit_is_held_fails_the_pause_check() -> None:
+    rows = [
+        {"user_id": "u1", "quantity": 1, "status": "held", "created_at": at(OPENS), "confirmed_at": None}
+        | {"released_at": None, "expired_at": None},
+        {"user_id": "u2", "quantity": 1, "status": "released", "created_at": at(OPENS + 10), "confirmed_at": None}
+        | {"released_at": at(OPENS + 3000), "expired_at": None},
+    ]
+    shuffled = [ticket(n, True, OPENS - 5000 + n * 10, OPENS - 1000 + ((n * 7) % 30) * 10) for n in range(30)]
+    before = [ticket(n, False, OPENS - 100, OPENS - 20 + n) for n in (1, 2)]  # admitted, then they held
+    _, breaches = queue_verdict.judge(queue_records([*shuffled, *before]), rows)
+    assert not any("held for 0.5 s" in b for b in breaches), breaches
+    inside = ticket(99, False, OPENS + 600, OPENS + 2000)  # both units out since OPENS + 10
+    _, breaches = queue_verdict.judge(queue_records([*shuffled, *before, inside]), rows)
+    assert any("held for 0.5 s" in b for b in breaches)
+
+
+def at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)

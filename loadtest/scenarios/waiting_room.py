@@ -1,0 +1,202 @@
+"""waiting_room: a crowd queues in front of a sale (contract, "Crowd control").
+
+Half the crowd joins before ``starts_at``, half after. Two thirds keep polling as ``poll_after_s``
+says, and once admitted reserve with their Admission-Token, then pay, cancel or walk away (holds
+last 3 s, so units come back; told sold_out while every unit is held, they try again a few
+times); a third join and leave without ever polling. Two sneaks try to
+reserve without a token, with a forged one and with another user's, all along.
+``loadtest/queue_verdict.py`` then judges, from what the clients saw, the sale's progress read
+twice a second and Postgres: pre-start joiners admitted in an order that does not follow their
+join order (|Spearman| <= 0.3), later ones first come first admitted, admission never stalled by
+the leavers, never above ``admit_per_s``, never while every unit was held, the queue closed at
+sold-out and nobody told "waiting" after it, and no reservation without a valid token.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `loadtest`
+
+import gevent
+import requests
+from locust import constant, events, task
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+from loadtest.records import Records
+from loadtest.shopper import Shopper, install, new_sale_id, run, sale_window
+
+SKU = "console"
+HOLD_SECONDS = 3
+OPENS_IN_S = 3.0  # half of the crowd arrives before the start (the scenario spawns it over 6 s)
+ABANDON_S = 5
+TOKEN_TTL_S = 30
+SAMPLE_S = 0.5
+RESERVE_TRIES = 8  # an admitted shopper told sold_out while every unit is held tries again
+STOLEN: list[str] = []  # tokens admitted users were given, for the sneaks to try as theirs
+
+
+def make_sale(users: int, seconds: float) -> dict[str, Any]:
+    return {
+        "id": new_sale_id("waiting-room"),
+        "name": "Console drop",
+        "hold_seconds": HOLD_SECONDS,
+        **sale_window(opens_in=OPENS_IN_S),
+        "waiting_room": {
+            "admit_per_s": max(20, users // 5),
+            "abandon_after_s": ABANDON_S,
+            "admission_ttl_s": TOKEN_TTL_S,
+        },
+        "items": [
+            {"sku": SKU, "name": "Console", "price_cents": 49900, "stock": max(20, users // 5), "per_user_limit": 1}
+        ],
+    }
+
+
+def expect(rec: Records) -> list[str]:
+    unmet = []
+    if not rec.answers.get("sneak reserve 403 not_admitted"):
+        unmet.append("the sneaks were never refused 403 not_admitted (they did not run?)")
+    leavers = sum(1 for t in rec.tickets if t["final"] == "left")
+    if not leavers:
+        unmet.append("nobody left the queue: the run did not test abandoned tickets")
+    return unmet
+
+
+install("waiting_room", make_sale, expect)
+
+
+def _sample_progress(environment: Environment, **_: Any) -> None:
+    """The sale's /progress twice a second, in one process (the local one, or worker 0)."""
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner) and runner.worker_index not in (0, -1):
+        return
+    if run().role == "master":
+        return
+
+    def sample() -> None:
+        rec = run().wait_records()
+        url = f"{environment.host}/v1/sales/{rec.sale['id']}/progress"
+        headers = {"Authorization": f"Bearer {run().ops_key}"}
+        while not run().stopped:
+            try:
+                got = requests.get(url, headers=headers, timeout=5).json()
+            except (requests.RequestException, ValueError):
+                gevent.sleep(SAMPLE_S)
+                continue
+            queue, it = got.get("queue") or {}, (got.get("items") or [{}])[0]
+            rec.queue_samples.append(
+                {
+                    "at_ms": round(time.time() * 1000),
+                    "waiting": queue.get("waiting", 0),
+                    "admitted": queue.get("admitted", 0),
+                    "expired": queue.get("expired", 0),
+                    "closed": queue.get("closed"),
+                    "available": it.get("available", 0),
+                    "held": it.get("held", 0),
+                }
+            )
+            gevent.sleep(SAMPLE_S)
+
+    gevent.spawn(sample)
+
+
+events.test_start.add_listener(_sample_progress)
+
+
+def now_ms() -> int:
+    return round(time.time() * 1000)
+
+
+class Waiter(Shopper):
+    """Joins, keeps its place by polling, and buys once admitted."""
+
+    weight = 2
+    wait_time = constant(0)
+
+    @task
+    def queue_and_buy(self) -> None:
+        if self.done:
+            self.idle()
+            return
+        self.done = True
+        starts = datetime.fromisoformat(self.sale["starts_at"]).timestamp() * 1000
+        sent = now_ms()
+        joined = self.join()
+        if not joined.ok or joined.body is None:
+            return
+        t: dict[str, Any] = {"user": self.user_id, "early": sent < starts, "sent_ms": sent, "joined_ms": now_ms()}
+        t |= {"admitted_ms": None, "last_waiting_ms": None, "final": "waiting", "reason": None}
+        self.records.tickets.append(t)
+        ticket = joined.body
+        while ticket["status"] == "waiting":
+            t["last_waiting_ms"] = now_ms()
+            gevent.sleep(ticket["poll_after_s"] * random.uniform(0.9, 1.0))
+            polled = self.poll(ticket["ticket"])
+            if polled.status != 200 or polled.body is None:
+                continue  # a 503 under load: ask again, the place is kept for abandon_after_s
+            ticket = polled.body
+        t["final"], t["reason"] = ticket["status"], ticket.get("reason")
+        if ticket["status"] != "admitted":
+            return
+        expires = datetime.fromisoformat(ticket["expires_at"]).timestamp() * 1000
+        t["admitted_ms"] = round(expires) - TOKEN_TTL_S * 1000
+        token = ticket["admission_token"]
+        STOLEN.append(token)
+        a = self.reserve_until_answered(SKU, 1, token=token)
+        for _ in range(RESERVE_TRIES):  # every unit held: units come back as holds end, try again
+            if a.code != "sold_out" or time.time() * 1000 > expires - 1000:
+                break
+            self.pause(0.5, 1.0)
+            a = self.reserve_until_answered(SKU, 1, token=token)
+        if not (a.ok and a.body is not None):
+            return
+        self.pause(0.3, 1.0)
+        choice = random.random()
+        if choice < 0.6:
+            self.settle_until_answered(a.body["reservation_id"], "confirm")
+        elif choice < 0.8:
+            self.settle_until_answered(a.body["reservation_id"], "cancel")
+        # else: walks away; the hold expires and the unit comes back
+
+
+class Leaver(Shopper):
+    """Joins and is gone: never polls. Its ticket must expire, never hold the line up."""
+
+    weight = 1
+    wait_time = constant(0)
+
+    @task
+    def join_and_leave(self) -> None:
+        if self.done:
+            self.idle()
+            return
+        self.done = True
+        sent = now_ms()
+        starts = datetime.fromisoformat(self.sale["starts_at"]).timestamp() * 1000
+        if self.join().ok:
+            self.records.tickets.append(
+                {"user": self.user_id, "early": sent < starts, "sent_ms": sent, "joined_ms": now_ms()}
+                | {"admitted_ms": None, "last_waiting_ms": None, "final": "left", "reason": None}
+            )
+
+
+class Sneak(Shopper):
+    """Reserves without a valid token: none, a forged one, another user's. Every try must be 403."""
+
+    fixed_count = 2
+    wait_time = constant(0.2)
+    user_prefix = "sneak"
+
+    @task
+    def try_without_a_token(self) -> None:
+        forged = f"{int(time.time() * 1000) + 60_000}.{secrets.token_urlsafe(32)}"
+        for token in (None, forged, random.choice(STOLEN) if STOLEN else forged):
+            self.reserve(SKU, 1, token=token, name="sneak reserve")
