@@ -9,13 +9,16 @@
 -- ARGV[1] ticket   ARGV[2] the user asking
 -- Returns {'err', 'not_found'} (no such ticket, or another user's), or {status, position
 --   (0-based, -1 unless waiting), admitted_ms or '', reason or '', {admit_per_s, abandon_ms,
---   ttl_ms, the sale's starts_ms, now ms}}
-local t = redis.call('HMGET', KEYS[1], 'user', 'status', 'admitted_ms', 'reason')
+--   ttl_ms, the sale's starts_ms, now ms, admitted, expired and joined so far}, the ticket's place}
+local t = redis.call('HMGET', KEYS[1], 'user', 'status', 'admitted_ms', 'reason', 'place')
 if not t[1] or t[1] ~= ARGV[2] then return {'err', 'not_found'} end
-local state = redis.call('HMGET', KEYS[4], 'admit_per_s', 'abandon_ms', 'closed', 'ttl_ms')
+local state = redis.call('HMGET', KEYS[4], 'admit_per_s', 'abandon_ms', 'closed', 'ttl_ms', 'admitted', 'expired',
+  'joined')
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local room = {state[1], state[2], state[4], redis.call('HGET', KEYS[5], 'starts_ms'), now}
+local room = {state[1], state[2], state[4], redis.call('HGET', KEYS[5], 'starts_ms'), now, state[5] or '0',
+  state[6] or '0', state[7] or '0'}
+local place = t[5]
 local status = t[2]
 if status == 'waiting' then
   local last = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or '0')
@@ -25,16 +28,16 @@ if status == 'waiting' then
     redis.call('HINCRBY', KEYS[4], 'closed_told', 1)
     redis.call('ZREM', KEYS[2], ARGV[1])
     redis.call('ZREM', KEYS[3], ARGV[1])
-    return {'closed', -1, '', state[3], room}
+    return {'closed', -1, '', state[3], room, place}
   end
   if now - last > tonumber(state[2]) then
     redis.call('HSET', KEYS[1], 'status', 'expired')
     redis.call('ZREM', KEYS[2], ARGV[1])
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('HINCRBY', KEYS[4], 'expired', 1)
-    return {'expired', -1, '', '', room}
+    return {'expired', -1, '', '', room, place}
   end
   redis.call('ZADD', KEYS[3], now, ARGV[1])
-  return {'waiting', redis.call('ZRANK', KEYS[2], ARGV[1]), '', '', room}
+  return {'waiting', redis.call('ZRANK', KEYS[2], ARGV[1]), '', '', room, place}
 end
-return {status, -1, t[3] or '', t[4] or '', room}
+return {status, -1, t[3] or '', t[4] or '', room, place}

@@ -56,6 +56,12 @@ if ARGV[4] ~= '1' then
       else
         leave(i, 'admitted', 'admitted_ms')
         admitted = admitted + 1
+        -- The highest place admitted: admission goes in place order, so every ticket at or
+        -- below it is no longer waiting (a process may answer the others' polls from memory).
+        local place = tonumber(redis.call('HGET', KEYS[3 + i], 'place'))
+        if place > tonumber(redis.call('HGET', KEYS[1], 'admitted_place') or '-1') then
+          redis.call('HSET', KEYS[1], 'admitted_place', place)
+        end
       end
     end
   end

@@ -28,6 +28,6 @@ SCENARIOS = {
         Scenario("abandon", 5, "most winners never pay; 3 s holds expire and later buyers get the units"),
         Scenario("browse_and_buy", 10, "10 sale reads per reservation attempt, confirms and cancels mixed in"),
         Scenario("abuse", 5, "a few users hammer far above the per-user limit and rate among normal shoppers"),
-        Scenario("waiting_room", 6, "a crowd queues before and after the start, a third leaves, sneaks try no token"),
+        Scenario("waiting_room", 4, "a crowd queues before and after the start, a third leaves, sneaks try no token"),
     )
 }

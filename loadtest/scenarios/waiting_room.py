@@ -1,8 +1,8 @@
 """waiting_room: a crowd queues in front of a sale (contract, "Crowd control").
 
-Half the crowd joins before ``starts_at``, half after. Two thirds keep polling as ``poll_after_s``
+60% of the crowd joins before ``starts_at``, the rest after. Two thirds keep polling as ``poll_after_s``
 says, and once admitted reserve with their Admission-Token, then pay, cancel or walk away (holds
-last 3 s, so units come back; told sold_out while every unit is held, they try again a few
+last 2 s, so units come back; told sold_out while every unit is held, they try again a few
 times); a third join and leave without ever polling. Two sneaks try to
 reserve without a token, with a forged one and with another user's, all along.
 ``loadtest/queue_verdict.py`` then judges, from what the clients saw, the sale's progress read
@@ -34,8 +34,8 @@ from loadtest.records import Records
 from loadtest.shopper import Shopper, install, new_sale_id, run, sale_window
 
 SKU = "console"
-HOLD_SECONDS = 3
-OPENS_IN_S = 3.0  # half of the crowd arrives before the start (the scenario spawns it over 6 s)
+HOLD_SECONDS = 2
+OPENS_IN_S = 2.4  # 60% of the crowd arrives before the start (the scenario spawns it over 4 s)
 ABANDON_S = 5
 TOKEN_TTL_S = 30
 SAMPLE_S = 0.5
@@ -55,7 +55,7 @@ def make_sale(users: int, seconds: float) -> dict[str, Any]:
             "admission_ttl_s": TOKEN_TTL_S,
         },
         "items": [
-            {"sku": SKU, "name": "Console", "price_cents": 49900, "stock": max(20, users // 5), "per_user_limit": 1}
+            {"sku": SKU, "name": "Console", "price_cents": 49900, "stock": max(20, users // 3), "per_user_limit": 1}
         ],
     }
 
@@ -160,9 +160,9 @@ class Waiter(Shopper):
             return
         self.pause(0.3, 1.0)
         choice = random.random()
-        if choice < 0.6:
+        if choice < 0.75:
             self.settle_until_answered(a.body["reservation_id"], "confirm")
-        elif choice < 0.8:
+        elif choice < 0.9:
             self.settle_until_answered(a.body["reservation_id"], "cancel")
         # else: walks away; the hold expires and the unit comes back
 

@@ -21,6 +21,8 @@ from .coalesce import Coalescer
 from .errors import ApiError, store_unavailable
 from .keys import Keys
 from .middleware import Edge
+from .polls import Polls
+from .polls import run as polls_loop
 from .reservations import Reservations
 from .sales import Sales
 from .schemas import CancelIn, ConfirmIn, Health, ReservationList, SaleIn
@@ -155,6 +157,7 @@ def create_app(settings: Settings) -> Starlette:
         tokens = Tokens(settings.signing_secret)
         sales = Sales(redis, keys, scripts)
         room = Room(redis, keys, scripts, tokens)
+        polls = Polls(room, redis, keys)
         app.state.services = Services(
             settings=settings,
             redis=redis,
@@ -174,6 +177,7 @@ def create_app(settings: Settings) -> Starlette:
                 Budgets(redis, keys, scripts),
             ),
             room=room,
+            polls=polls,
         )
         app.state.openapi = openapi.document()
         app.state.monitor = monitor.Monitor(redis, pool, keys, tally)
@@ -183,6 +187,7 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(invalidation.listen(listener, keys.changes, verdicts, stop), name="invalidation"),
             asyncio.create_task(tally.run(settings.tally_interval_ms / 1000, stop), name="tally"),
             asyncio.create_task(waiting.run(room, sales, stop), name="waiting-room"),
+            asyncio.create_task(polls_loop(polls, stop), name="polls"),
         ]
         try:
             yield

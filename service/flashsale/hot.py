@@ -105,7 +105,7 @@ async def join_queue(scope: Scope, receive: Receive) -> Answer:
 
 
 async def poll_queue(scope: Scope, receive: Receive) -> Answer:
-    """A waiting ticket's poll, the crowd's most frequent call while it waits: one script call."""
+    """A waiting ticket's poll, the crowd's most frequent call while it waits: mostly from memory (polls.py)."""
     svc = _services(scope)
     (authorization,) = headers(scope, b"authorization")
     svc.keyring.require(authorization, "storefront")
@@ -114,7 +114,7 @@ async def poll_queue(scope: Scope, receive: Receive) -> Answer:
     user = valid_user_id(parse_qs(scope["query_string"].decode("latin-1")).get("user_id", [""])[0])
     if not TICKET.match(ticket):
         raise ApiError("not_found", "no such ticket for this user")
-    return 200, encoder.encode(await svc.room.poll(sale_id, ticket, user)), []
+    return 200, encoder.encode(await svc.polls.poll(sale_id, ticket, user)), []
 
 
 ROUTES = [

@@ -50,6 +50,11 @@ FROM_MEMORY = Counter(
     "Reserve attempts refused from this process's memory of the script's last answer, no script run",
     ["code"],
 )
+POLLS = Counter(
+    "flashsale_waiting_room_polls",
+    "Waiting-room polls answered, from this process's memory or by a script call (polls.py)",
+    ["answered"],
+)
 BATCH = Histogram(
     "flashsale_persister_batch_size",
     "Events in each batch the persister committed",
@@ -132,6 +137,11 @@ def reserved(outcome: str) -> None:
 def from_memory(code: str) -> None:
     """One refusal given from memory (it is counted by ``reserved`` too)."""
     _count(FROM_MEMORY, code)
+
+
+def polled(answered: str) -> None:
+    """One waiting-room poll answered: ``memory`` or ``redis``."""
+    _count(POLLS, answered)
 
 
 def committed(entry_ids: Sequence[str]) -> None:

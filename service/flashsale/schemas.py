@@ -99,6 +99,7 @@ class QueuePatch(Struct, forbid_unknown_fields=True):
 
 
 QueueStatus = Literal["waiting", "admitted", "closed", "expired"]
+Reason = Literal["sold_out", "sale_ended", "closed_by_ops"]  # why a waiting room closed
 
 
 class Ticket(Struct, omit_defaults=True):
@@ -112,7 +113,7 @@ class Ticket(Struct, omit_defaults=True):
     estimated_wait_s: int | None = None  # while waiting
     admission_token: str | None = None  # when admitted: send it as the Admission-Token header
     expires_at: datetime | None = None  # when admitted: the token's end
-    reason: Literal["sold_out", "sale_ended", "closed_by_ops"] | None = None  # when closed
+    reason: Reason | None = None  # when closed
 
 
 class QueueProgress(Struct, omit_defaults=True):
@@ -125,7 +126,7 @@ class QueueProgress(Struct, omit_defaults=True):
     expired: int  # not polled for abandon_after_s
     closed_told: int  # waiting tickets told the queue closed
     estimated_wait_s: int  # for one joining now: waiting / admit_per_s
-    closed: Literal["sold_out", "sale_ended", "closed_by_ops"] | None = None
+    closed: Reason | None = None
 
 
 class RestockIn(Struct, forbid_unknown_fields=True):

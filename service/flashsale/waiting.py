@@ -26,14 +26,14 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from . import connection
 from .connection import Client
 from .errors import ApiError
 from .keys import Keys
 from .sales import Sales, instant, now_ms
-from .schemas import QueueProgress, Ticket
+from .schemas import QueueProgress, QueueStatus, Reason, Ticket
 from .scripts import Scripts
 
 log = logging.getLogger("flashsale.waiting")
@@ -70,6 +70,25 @@ class Tokens:
             raise ApiError("not_admitted", "the Admission-Token has run out: join the queue again")
 
 
+@dataclass
+class Standing:
+    """Where a ticket stands, as lua/queue_poll.lua read it, with the room's numbers then."""
+
+    user_id: str
+    status: QueueStatus
+    place: float
+    position: int  # 1 = next in line, while waiting; 0 otherwise
+    admitted_ms: int  # when admitted; 0 otherwise
+    reason: str  # why closed; '' otherwise
+    rate: int  # admit_per_s
+    abandon_ms: int
+    ttl_ms: int  # how long an admission token is good for
+    starts_ms: int  # the sale's start
+    admitted: int  # the room's admitted count then
+    expired: int  # the room's expired count then
+    joined: int  # the room's joined count then
+
+
 @dataclass(frozen=True)
 class Room:
     redis: Client
@@ -103,7 +122,11 @@ class Room:
         raise ApiError("unavailable", "the user's ticket kept changing: try again", retry_after=1)
 
     async def poll(self, sale_id: str, ticket: str, user_id: str) -> Ticket:
-        """Where the ticket stands, in one script call: the crowd's most frequent request while it waits."""
+        """Where the ticket stands, read in one script call (polls.py answers most from memory)."""
+        return self.answer(sale_id, ticket, await self.read(sale_id, ticket, user_id), now_ms())
+
+    async def read(self, sale_id: str, ticket: str, user_id: str) -> Standing:
+        """lua/queue_poll.lua: the ticket's standing, its place kept (or expired, or told closed)."""
         k = self.keys
         result = await self.scripts.queue_poll(
             keys=[
@@ -117,19 +140,38 @@ class Room:
         )
         if result[0] == "err":
             raise ApiError("not_found", "no such ticket for this user")
-        status, position, admitted_ms, reason, (rate, abandon, ttl, starts, now) = result
-        abandon_s = int(abandon) // 1000
-        out = Ticket(ticket=ticket, user_id=user_id, status=status, poll_after_s=_poll_after(abandon_s, None))
-        if status == "waiting":
-            out.position = int(position) + 1
-            out.estimated_wait_s = math.ceil(out.position / int(rate)) + max(0, math.ceil((int(starts) - now) / 1000))
+        status, position, admitted_ms, reason, room, place = cast(list[Any], result)
+        rate, abandon, ttl, starts, _, admitted, expired, joined = (int(v) for v in room)
+        return Standing(
+            user_id=user_id,
+            status=status,
+            place=float(place),
+            position=int(position) + 1 if status == "waiting" else 0,
+            admitted_ms=int(admitted_ms or 0),
+            reason=reason,
+            rate=rate,
+            abandon_ms=abandon,
+            ttl_ms=ttl,
+            starts_ms=starts,
+            admitted=admitted,
+            expired=expired,
+            joined=joined,
+        )
+
+    def answer(self, sale_id: str, ticket: str, s: Standing, now: int) -> Ticket:
+        """The poll's answer for a ticket standing as ``s`` at ``now``."""
+        abandon_s = s.abandon_ms // 1000
+        out = Ticket(ticket=ticket, user_id=s.user_id, status=s.status, poll_after_s=_poll_after(abandon_s, None))
+        if s.status == "waiting":
+            out.position = s.position
+            out.estimated_wait_s = math.ceil(s.position / s.rate) + max(0, math.ceil((s.starts_ms - now) / 1000))
             out.poll_after_s = _poll_after(abandon_s, out.estimated_wait_s)
-        elif status == "admitted":
-            expires = int(admitted_ms) + int(ttl)
-            out.admission_token = self.tokens.make(sale_id, user_id, expires)
+        elif s.status == "admitted":
+            expires = s.admitted_ms + s.ttl_ms
+            out.admission_token = self.tokens.make(sale_id, s.user_id, expires)
             out.expires_at = instant(expires)
-        elif status == "closed":
-            out.reason = reason or None
+        elif s.status == "closed":
+            out.reason = cast(Reason, s.reason) or None
         return out
 
     async def stats(self, sale_id: str) -> QueueProgress | None:

@@ -17,6 +17,7 @@ from starlette.types import Receive
 from .auth import KeyRing, Role
 from .connection import Client
 from .errors import ApiError
+from .polls import Polls
 from .reservations import Reservations
 from .sales import Sales
 from .schemas import DIGITS, SLUG, encoder
@@ -38,6 +39,7 @@ class Services:
     sales: Sales
     reservations: Reservations
     room: Room
+    polls: Polls
 
 
 def services(request: Request) -> Services:
