@@ -25,7 +25,7 @@ from .polls import Polls
 from .polls import run as polls_loop
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import CancelIn, ConfirmIn, Health, ReservationList, SaleIn
+from .schemas import CancelIn, ConfirmIn, ExtendIn, Health, ReservationList, SaleIn
 from .scripts import Scripts
 from .settings import Settings
 from .shards import Mover, Routes
@@ -67,6 +67,12 @@ async def cancel(request: Request) -> Response:
     return json(await svc.reservations.settle(request.path_params["rid"], ask.user_id, "cancel"))
 
 
+async def extend(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    ask = await body(request, ExtendIn)
+    return json(await svc.reservations.extend(request.path_params["rid"], ask.user_id, ask.seconds))
+
+
 async def healthz(request: Request) -> Response:
     return json(Health(status="ok"))
 
@@ -101,6 +107,7 @@ ROUTES: list[BaseRoute] = [
     Route("/v1/reservations/{rid}", get_reservation, methods=["GET"]),
     Route("/v1/reservations/{rid}/confirm", confirm, methods=["POST"]),
     Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),
+    Route("/v1/reservations/{rid}/extend", extend, methods=["POST"]),
     *admin.ROUTES,
     *monitor.ROUTES,
     *docs.ROUTES,

@@ -12,6 +12,7 @@ from .schemas import (
     CancelIn,
     ConfirmIn,
     Error,
+    ExtendIn,
     Health,
     ItemOut,
     QueueIn,
@@ -261,6 +262,7 @@ def document() -> bytes:
         ReserveIn,
         ConfirmIn,
         CancelIn,
+        ExtendIn,
         Reservation,
         ReservationList,
         Error,
@@ -309,6 +311,15 @@ def document() -> bytes:
         },
         "/v1/reservations/{rid}/cancel": {
             "post": _op("Release the units back to stock", ok={200: Reservation}, body=CancelIn, params=[RID])
+        },
+        "/v1/reservations/{rid}/extend": {
+            "post": _op(
+                "Extend a live hold (409 extension_limit past the sale's max_extensions or max_extension_seconds,"
+                " 410 once it ran out)",
+                ok={200: Reservation},
+                body=ExtendIn,
+                params=[RID],
+            )
         },
     }
     ticket = _path("ticket", "^[A-Za-z0-9_-]{22}$")

@@ -59,17 +59,21 @@ FROM json_to_recordset($2::json) AS r(rid text, sku text, "user" text, qty integ
                                       payment_ref text, created_ms bigint, expires_ms bigint, at_ms bigint)
 ON CONFLICT (id) DO UPDATE SET
     status = EXCLUDED.status, payment_ref = EXCLUDED.payment_ref, confirmed_at = EXCLUDED.confirmed_at,
-    released_at = EXCLUDED.released_at, expired_at = EXCLUDED.expired_at, persisted_at = now()
-WHERE reservations.status = 'held' AND EXCLUDED.status <> 'held'
+    released_at = EXCLUDED.released_at, expired_at = EXCLUDED.expired_at,
+    expires_at = greatest(reservations.expires_at, EXCLUDED.expires_at), persisted_at = now()
+WHERE reservations.status = 'held'
+  AND (EXCLUDED.status <> 'held' OR EXCLUDED.expires_at > reservations.expires_at)  -- final, or extended
 """
 
 UPSERT_SALE = """
-INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots, waiting_room, ip_rate_per_s)
-VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8, $9::jsonb, $10)
+INSERT INTO sales (id, name, starts_at, ends_at, hold_seconds, state, changed_at, slots, waiting_room, ip_rate_per_s,
+                   max_extensions, max_extension_seconds)
+VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), $8, $9::jsonb, $10, $11, $12)
 ON CONFLICT (id) DO UPDATE SET
     name = EXCLUDED.name, starts_at = EXCLUDED.starts_at, ends_at = EXCLUDED.ends_at,
     hold_seconds = EXCLUDED.hold_seconds, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at,
-    slots = EXCLUDED.slots, waiting_room = EXCLUDED.waiting_room, ip_rate_per_s = EXCLUDED.ip_rate_per_s
+    slots = EXCLUDED.slots, waiting_room = EXCLUDED.waiting_room, ip_rate_per_s = EXCLUDED.ip_rate_per_s,
+    max_extensions = EXCLUDED.max_extensions, max_extension_seconds = EXCLUDED.max_extension_seconds
 WHERE sales.changed_at <= EXCLUDED.changed_at
 """
 
@@ -116,7 +120,7 @@ def check(fields: dict[str, str]) -> None:
         msgspec.json.decode(fields["doc"], type=SaleDoc)
         int(fields["at_ms"])
         return
-    if kind not in ("reserve", *FINAL) or fields.get("status") not in ("held", *FINAL):
+    if kind not in ("reserve", "extended", *FINAL) or fields.get("status") not in ("held", *FINAL):
         raise ValueError(f"unknown event type {kind!r}")
     for name in ("qty", "created_ms", "expires_ms", "at_ms"):
         int(fields[name])
@@ -152,6 +156,8 @@ async def write_sale(conn: Conn, sale_id: str, sale: dict[str, str]) -> None:
         doc.slots,
         None if doc.waiting_room is None else msgspec.json.encode(doc.waiting_room).decode(),
         doc.ip_rate_per_s,
+        doc.max_extensions,
+        doc.max_extension_seconds,
     )
     await conn.execute(
         UPSERT_ITEMS,

@@ -223,6 +223,8 @@ def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleDoc:
         starts_at=sale["starts_at"],
         ends_at=sale["ends_at"],
         hold_seconds=sale["hold_seconds"],
+        max_extensions=sale["max_extensions"],
+        max_extension_seconds=sale["max_extension_seconds"],
         items=[
             ItemIn(
                 sku=i["sku"],

@@ -343,6 +343,24 @@ class Reservations:
             raise ApiError("not_found", "no such reservation")
         return to_reservation(sale_id, values, now_ms())
 
+    async def extend(self, rid: str, user_id: str, seconds: int) -> Reservation:
+        """A live hold's expiry moved ``seconds`` later, within the sale's limits (lua/extend.lua)."""
+        slot, sale_id = slot_of(rid)
+        k = self.keys
+        sku = cast(str | None, await self.redis.hget(k.reservation(slot, rid), "sku"))
+        if sku is None:
+            raise ApiError("not_found", "no such reservation")
+        most, most_s = await self.routes.extensions(sale_id)
+        result = await self.scripts.extend(
+            keys=[k.reservation(slot, rid), k.holds(slot, sku), k.events(slot)],
+            args=[rid, user_id, seconds, most, most_s],
+        )
+        if result[0] == "err":
+            if result[1] == "not_found":
+                raise ApiError("not_found", "no such reservation")
+            raise ApiError(result[1])
+        return await self.get(rid, user_id)
+
     async def settle(
         self, rid: str, user_id: str, action: Literal["confirm", "cancel"], payment_ref: str = ""
     ) -> Reservation:

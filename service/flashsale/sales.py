@@ -436,6 +436,8 @@ def _sale_out(
         starts_at=instant(starts),
         ends_at=instant(ends),
         hold_seconds=hold // 1000,
+        max_extensions=doc.max_extensions,
+        max_extension_seconds=doc.max_extension_seconds,
         items=items,
         waiting_room=doc.waiting_room,
     )

@@ -66,6 +66,10 @@ class SaleIn(Struct, forbid_unknown_fields=True):
     ip_rate_per_s: Annotated[int, Meta(ge=1, le=1_000_000, description="attempts per client ip per second")] | None = (
         None
     )
+    max_extensions: Annotated[int, Meta(ge=0, le=100, description="times one hold may be extended")] = 2
+    max_extension_seconds: Annotated[
+        int, Meta(ge=0, le=86_400, description="seconds one hold may be extended in all")
+    ] = 300
 
 
 class SaleDoc(SaleIn, forbid_unknown_fields=True, omit_defaults=True):
@@ -147,6 +151,11 @@ class ReserveIn(Struct, forbid_unknown_fields=True):
     client: Client | None = None
 
 
+class ExtendIn(Struct, forbid_unknown_fields=True):
+    user_id: UserId
+    seconds: Annotated[int, Meta(ge=1, le=86_400)]
+
+
 class ConfirmIn(Struct, forbid_unknown_fields=True):
     user_id: UserId
     payment_ref: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")]
@@ -194,6 +203,8 @@ class SaleOut(Struct, omit_defaults=True):
     starts_at: datetime
     ends_at: datetime
     hold_seconds: int
+    max_extensions: int
+    max_extension_seconds: int
     items: list[ItemOut]
     waiting_room: WaitingRoom | None = None
 

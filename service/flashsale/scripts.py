@@ -38,6 +38,7 @@ NAMES = (
     "budget_take",
     "budget_give",
     "budget_void",
+    "extend",
 )
 
 
@@ -75,6 +76,7 @@ class Scripts:
     budget_take: Script
     budget_give: Script
     budget_void: Script
+    extend: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

@@ -151,8 +151,8 @@ class Routes:
     sale is created, read once per process: the slots of each sharded item, the extra slots (an
     update cannot change a sharded sale's items, nor shard an item later, and recover loads them
     again from Postgres), which client keys a sharded item counts (its per_ip_limit and
-    per_device_limit, the sale's ip_rate_per_s: budgets.py) and whether the sale has a waiting
-    room (set at creation only)."""
+    per_device_limit, the sale's ip_rate_per_s: budgets.py), whether the sale has a waiting room
+    and how its holds may be extended (all set at creation only)."""
 
     def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis = redis
@@ -166,7 +166,8 @@ class Routes:
             for i in doc.items
             if i.shards > 1
         }
-        self._sales[doc.id] = Route(sharded, counted, list(doc.slots), doc.waiting_room is not None)
+        extensions = (doc.max_extensions, doc.max_extension_seconds)
+        self._sales[doc.id] = Route(sharded, counted, list(doc.slots), doc.waiting_room is not None, extensions)
 
     async def _of(self, sale_id: str) -> Route:
         known = self._sales.get(sale_id)
@@ -196,15 +197,20 @@ class Routes:
         """Every slot of the sale, its own first."""
         return [sale_id, *(await self._of(sale_id)).extra]
 
+    async def extensions(self, sale_id: str) -> tuple[int, int]:
+        """The sale's max_extensions and max_extension_seconds (set at creation only)."""
+        return (await self._of(sale_id)).extensions
+
 
 class Route(NamedTuple):
     sharded: dict[str, list[str]]  # sku -> its slots, of each sharded item
     counted: dict[str, tuple[bool, bool]]  # sku -> (ip counted, device counted), of each sharded item
     extra: list[str]
     waiting_room: bool
+    extensions: tuple[int, int]  # max_extensions, max_extension_seconds
 
 
-NOWHERE = Route({}, {}, [], False)
+NOWHERE = Route({}, {}, [], False, (0, 0))
 
 
 class Mover:
