@@ -33,8 +33,9 @@ from flashsale.settings import ROOT, Settings
 from .conftest import create_sale
 
 # Heavy (many processes, thousands of requests): these run one after another on one xdist
-# worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
-pytestmark = pytest.mark.xdist_group("heavy")
+# worker (make test uses --dist loadgroup), never two at once on this 2-core machine; beside the
+# other heavy group (test_invariants, test_faults), whose crowds they would otherwise queue behind.
+pytestmark = pytest.mark.xdist_group("loadtest")
 
 DROP_EVERY_FIFTH = """
 CREATE TABLE loadtest_dropped (id text PRIMARY KEY);
@@ -103,7 +104,7 @@ async def run_scenario(
 
 @pytest.mark.timeout(200)
 async def test_flash_crowd_keeps_every_invariant(settings: Settings, redis: Redis, tmp_path: Path) -> None:
-    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 300, "15s")
+    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 300, "10s")
     assert lines[-1] == "PASS", "\n".join(lines[-60:])
     assert code == 0
     assert (verdict["oversold"], verdict["lost"], verdict["duplicates"]) == (0, 0, 0)
@@ -129,7 +130,7 @@ async def test_flash_crowd_in_two_locust_processes_is_judged_on_the_records_of_b
 async def test_retry_storm_never_makes_two_reservations_for_one_key(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:
-    code, lines, verdict = await run_scenario(settings, tmp_path, "retry_storm", 300, "15s")
+    code, lines, verdict = await run_scenario(settings, tmp_path, "retry_storm", 300, "10s")
     assert lines[-1] == "PASS", "\n".join(lines[-60:])
     assert code == 0
     assert (verdict["oversold"], verdict["lost"], verdict["duplicates"]) == (0, 0, 0)

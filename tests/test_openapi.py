@@ -32,6 +32,7 @@ async def test_openapi_describes_every_route(client: httpx.AsyncClient) -> None:
             assert method.lower() in paths.get(route.path, {}), f"{method} {route.path} is not documented"
 
 
+@pytest.mark.timeout(300)  # about a minute alone; the margin is for a machine busy with the crowd tests
 async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -14,9 +14,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from . import admin, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper, waiting
+from . import admin, clients, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper, waiting
 from .auth import KeyRing
 from .budgets import Budgets
+from .carts import Carts
 from .coalesce import Coalescer
 from .errors import ApiError, store_unavailable
 from .keys import Keys
@@ -25,7 +26,7 @@ from .polls import Polls
 from .polls import run as polls_loop
 from .reservations import Reservations
 from .sales import Sales
-from .schemas import CancelIn, ConfirmIn, ExtendIn, Health, ReservationList, SaleIn
+from .schemas import CancelIn, CartIn, ConfirmIn, ExtendIn, Health, ReservationList, SaleIn
 from .scripts import Scripts
 from .settings import Settings
 from .shards import Mover, Routes
@@ -73,6 +74,37 @@ async def extend(request: Request) -> Response:
     return json(await svc.reservations.extend(request.path_params["rid"], ask.user_id, ask.seconds))
 
 
+async def create_cart(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    sale_id = slug(request, "sale_id")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not hot.IDEMPOTENCY_KEY.match(key):
+        raise ApiError(
+            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
+        )
+    ask = await body(request, CartIn)
+    client = clients.keys_of(ask.client)
+    cart, created = await svc.carts.create(sale_id, ask, key, request.headers.get("admission-token"), client)
+    return json(cart, 201 if created else 200)
+
+
+async def get_cart(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    return json(await svc.carts.get(request.path_params["cart_id"], user_id(request)))
+
+
+async def confirm_cart(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    ask = await body(request, ConfirmIn)
+    return json(await svc.carts.settle(request.path_params["cart_id"], ask.user_id, "confirm", ask.payment_ref))
+
+
+async def cancel_cart(request: Request) -> Response:
+    svc = authorize(request, "storefront")
+    ask = await body(request, CancelIn)
+    return json(await svc.carts.settle(request.path_params["cart_id"], ask.user_id, "cancel"))
+
+
 async def healthz(request: Request) -> Response:
     return json(Health(status="ok"))
 
@@ -108,6 +140,10 @@ ROUTES: list[BaseRoute] = [
     Route("/v1/reservations/{rid}/confirm", confirm, methods=["POST"]),
     Route("/v1/reservations/{rid}/cancel", cancel, methods=["POST"]),
     Route("/v1/reservations/{rid}/extend", extend, methods=["POST"]),
+    Route("/v1/sales/{sale_id}/carts", create_cart, methods=["POST"]),
+    Route("/v1/carts/{cart_id}", get_cart, methods=["GET"]),
+    Route("/v1/carts/{cart_id}/confirm", confirm_cart, methods=["POST"]),
+    Route("/v1/carts/{cart_id}/cancel", cancel_cart, methods=["POST"]),
     *admin.ROUTES,
     *monitor.ROUTES,
     *docs.ROUTES,
@@ -165,6 +201,7 @@ def create_app(settings: Settings) -> Starlette:
         sales = Sales(redis, keys, scripts)
         room = Room(redis, keys, scripts, tokens)
         polls = Polls(room, redis, keys)
+        routes = Routes(redis, keys)
         app.state.services = Services(
             settings=settings,
             redis=redis,
@@ -178,13 +215,14 @@ def create_app(settings: Settings) -> Starlette:
                 settings,
                 verdicts,
                 tally,
-                Routes(redis, keys),
+                routes,
                 Mover(redis, keys, scripts),
                 tokens,
                 Budgets(redis, keys, scripts),
             ),
             room=room,
             polls=polls,
+            carts=Carts(redis, keys, scripts, settings, routes, tokens),
         )
         app.state.openapi = openapi.document()
         app.state.monitor = monitor.Monitor(redis, pool, keys, tally)

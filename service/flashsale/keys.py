@@ -130,6 +130,11 @@ class Keys:
     def reservation(self, sale_id: str, rid: str) -> str:
         return f"{self._sale(sale_id)}:res:{rid}"
 
+    # HASH per cart: user, rids (its lines' reservation ids, comma-joined), created_ms, expires_ms.
+    # Lives with the sale (carts.py).
+    def cart(self, sale_id: str, cart_id: str) -> str:
+        return f"{self._sale(sale_id)}:cart:{cart_id}"
+
     # STREAM of reserve/confirm/cancel/expire/sale events; group GROUP feeds Postgres.
     # Trimmed by the persister below the oldest entry not yet acknowledged.
     def events(self, sale_id: str) -> str:

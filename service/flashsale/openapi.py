@@ -10,6 +10,8 @@ import msgspec
 from . import __version__
 from .schemas import (
     CancelIn,
+    Cart,
+    CartIn,
     ConfirmIn,
     Error,
     ExtendIn,
@@ -71,6 +73,7 @@ def _path(name: str, pattern: str) -> dict[str, Any]:
 
 
 SALE_ID = _path("sale_id", "^[A-Za-z0-9_-]{1,64}$")
+CART_ID = _path("cart_id", "^[A-Za-z0-9_-]{1,64}\\.c[A-Za-z0-9_-]{22}$")
 RID = _path("rid", "^[A-Za-z0-9_-]{1,64}(~[0-9a-f]{1,8})?\\.[A-Za-z0-9_-]{22}$")
 USER_QUERY = {
     "name": "user_id",
@@ -263,6 +266,8 @@ def document() -> bytes:
         ConfirmIn,
         CancelIn,
         ExtendIn,
+        CartIn,
+        Cart,
         Reservation,
         ReservationList,
         Error,
@@ -311,6 +316,29 @@ def document() -> bytes:
         },
         "/v1/reservations/{rid}/cancel": {
             "post": _op("Release the units back to stock", ok={200: Reservation}, body=CancelIn, params=[RID])
+        },
+        "/v1/sales/{sale_id}/carts": {
+            "post": _op(
+                "Hold every line of a cart, or none: 201 the cart, 200 the same cart for a retried Idempotency-Key;"
+                " a refusal names the first line that failed in fields",
+                ok={201: Cart, 200: Cart},
+                body=CartIn,
+                params=[SALE_ID, IDEMPOTENCY, ADMISSION],
+            )
+        },
+        "/v1/carts/{cart_id}": {
+            "get": _op("A cart of this user, its lines as they are now", ok={200: Cart}, params=[CART_ID, USER_QUERY])
+        },
+        "/v1/carts/{cart_id}/confirm": {
+            "post": _op(
+                "Confirm every line on payment, or none (410 once a line ran out)",
+                ok={200: Cart},
+                body=ConfirmIn,
+                params=[CART_ID],
+            )
+        },
+        "/v1/carts/{cart_id}/cancel": {
+            "post": _op("Release every held line back to stock", ok={200: Cart}, body=CancelIn, params=[CART_ID])
         },
         "/v1/reservations/{rid}/extend": {
             "post": _op(

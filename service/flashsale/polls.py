@@ -63,6 +63,7 @@ class Snapshot:
     expired: int
     joined: int
     rate: int
+    starts_ms: int
 
 
 @dataclass
@@ -89,12 +90,13 @@ class Polls:
                     position = s.position - (snap.admitted - s.admitted)
                     # Tickets ahead may have left (expired), and before the start a joiner's
                     # random place may be ahead: a tenth off at most, or read again.
-                    moved = snap.expired - s.expired + (snap.joined - s.joined if now < s.starts_ms else 0)
+                    moved = snap.expired - s.expired + (snap.joined - s.joined if now < snap.starts_ms else 0)
                     if moved <= max(SLACK, position // 10):
                         known.seen_ms = now
                         self._seen.setdefault(sale_id, {})[ticket] = now
                         metrics.polled("memory")
-                        here = dataclasses.replace(s, position=max(1, min(s.position, position)), rate=snap.rate)
+                        position = max(1, min(s.position, position))
+                        here = dataclasses.replace(s, position=position, rate=snap.rate, starts_ms=snap.starts_ms)
                         return self.room.answer(sale_id, ticket, here, now)
         standing = await self.room.read(sale_id, ticket, user_id)
         metrics.polled("redis")
@@ -115,12 +117,15 @@ class Polls:
         try:
             started = time.monotonic()
             fields = ["closed", "admitted_place", "admitted", "expired", "joined", "admit_per_s"]
-            values = cast(list[str | None], await self.redis.hmget(self.keys.queue_state(sale_id), fields))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(self.keys.queue_state(sale_id), fields)
+            pipe.hget(self.keys.sale(sale_id), "starts_ms")  # a window change shows in the wait too
+            values, starts = cast(tuple[list[str | None], str | None], tuple(await pipe.execute()))
             closed, place, admitted, expired, joined, rate = values
             snap = None
             if rate is not None:
                 counts = (int(admitted or 0), int(expired or 0), int(joined or 0))
-                snap = Snapshot(started, closed is not None, float(place or -1), *counts, int(rate))
+                snap = Snapshot(started, closed is not None, float(place or -1), *counts, int(rate), int(starts or 0))
                 self._rooms[sale_id] = snap
             future.set_result(snap)
             return snap

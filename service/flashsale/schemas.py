@@ -178,6 +178,27 @@ class Reservation(Struct, omit_defaults=True):
     payment_ref: str | None = None
 
 
+class CartLine(Struct, forbid_unknown_fields=True):
+    sku: Slug
+    quantity: Quantity = 1
+
+
+class CartIn(Struct, forbid_unknown_fields=True):
+    user_id: UserId
+    lines: Annotated[list[CartLine], Meta(min_length=1, max_length=20)]
+    client: Client | None = None
+
+
+class Cart(Struct):
+    """A cart's lines, each an ordinary reservation, all held together (or none)."""
+
+    cart_id: str
+    sale_id: str
+    user_id: str
+    expires_at: datetime
+    reservations: list[Reservation]
+
+
 class ReservationList(Struct):
     """A user's reservations in a sale, newest first."""
 

@@ -39,6 +39,8 @@ NAMES = (
     "budget_give",
     "budget_void",
     "extend",
+    "cart",
+    "cart_settle",
 )
 
 
@@ -77,6 +79,8 @@ class Scripts:
     budget_give: Script
     budget_void: Script
     extend: Script
+    cart: Script
+    cart_settle: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

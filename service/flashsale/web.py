@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from .auth import KeyRing, Role
+from .carts import Carts
 from .connection import Client
 from .errors import ApiError
 from .polls import Polls
@@ -40,6 +41,7 @@ class Services:
     reservations: Reservations
     room: Room
     polls: Polls
+    carts: Carts
 
 
 def services(request: Request) -> Services:
