@@ -7,6 +7,7 @@ import asyncio
 from typing import Any, cast
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from flashsale import budgets, shards
@@ -210,6 +211,67 @@ async def test_a_charge_whose_hold_was_made_but_not_reported_is_kept(
     cancel = await client.post(f"/v1/reservations/{rid}/cancel", json={"user_id": user})
     assert cancel.status_code == 200
     assert (await reserve(client, sale, "other", ip="192.0.2.4")).status_code == 201
+
+
+@pytest.mark.parametrize("home", ["an extra slot", "the sale's own slot"])
+async def test_a_retry_of_a_charged_reserve_with_its_key_replays_it_once_the_budget_is_used_up(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, home: str
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    ip = next(f"192.0.2.{n}" for n in range(1, 250) if next(iter(budgets.places(slots, f"192.0.2.{n}", ""))) != sale)
+    counted = next(iter(budgets.places(slots, ip, "")))  # an extra slot: the user's may be the other, or the sale's
+    wanted = [s for s in slots if s != counted and (s == sale) == (home == "the sale's own slot")]
+    user = next(u for u in (f"u{n}" for n in range(1000)) if shards.home(slots, u) in wanted)
+    first = await reserve_with_key(client, sale, user, "k1", ip=ip)
+    retry = await reserve_with_key(client, sale, user, "k1", ip=ip)
+    assert (first.status_code, retry.status_code) == (201, 200), retry.text
+    assert retry.json()["reservation_id"] == first.json()["reservation_id"]
+
+
+async def test_concurrent_requests_with_one_key_on_a_charged_item_all_get_the_one_hold(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    counted = next(iter(budgets.places(slots, "192.0.2.4", "")))
+    user = next(u for u in (f"u{n}" for n in range(1000)) if shards.home(slots, u) not in (counted, sale))
+    answers = await asyncio.gather(*(reserve_with_key(client, sale, user, "same", ip="192.0.2.4") for _ in range(10)))
+    assert sorted(r.status_code for r in answers) == [200] * 9 + [201]
+    assert len({r.json()["reservation_id"] for r in answers}) == 1
+
+
+async def test_a_budget_refusal_on_a_sharded_item_counts_one_attempt_and_one_rejection(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    counted = next(iter(budgets.places(slots, "192.0.2.4", "")))
+    a, b = [u for u in (f"u{n}" for n in range(1000)) if shards.home(slots, u) != counted][:2]
+    assert (await reserve(client, sale, a, ip="192.0.2.4")).status_code == 201
+    assert (await reserve(client, sale, b, ip="192.0.2.4")).status_code == 409
+    await asyncio.sleep(1.2)  # counts answered from memory reach Redis within a second (tally.py)
+    counts = [await redis.hmget(keys.item(s, "phone"), ["attempts", "rej:limit_exceeded"]) for s in slots]
+    assert [sum(int(c[i] or 0) for c in counts) for i in (0, 1)] == [2, 1]
+
+
+async def test_ip_rate_per_s_is_the_sales_whichever_items_an_address_asks_for(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    items = [*phone(shards=3), {**phone()[0], "sku": "case", "name": "Case"}]
+    sale = (await create_sale(client, ip_rate_per_s=5, items=items))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    ip = next(f"192.0.2.{n}" for n in range(1, 250) if next(iter(budgets.places(slots, f"192.0.2.{n}", ""))) != sale)
+    codes = [(await reserve(client, sale, f"p{n}", ip=ip)).status_code for n in range(3)]
+    for n in range(4):
+        body = {"user_id": f"c{n}", "sku": "case", "client": {"ip": ip}}
+        codes.append((await client.post(f"/v1/sales/{sale}/reservations", json=body)).status_code)
+    assert codes == [201] * 5 + [429] * 2
+
+
+async def reserve_with_key(c: httpx.AsyncClient, sale: str, user: str, key: str, **client: str) -> httpx.Response:
+    body = {"user_id": user, "sku": "phone", "client": client}
+    return await c.post(f"/v1/sales/{sale}/reservations", json=body, headers={"Idempotency-Key": key})
 
 
 async def shard_slots(redis: Redis, keys: Keys, sale_id: str) -> list[str]:

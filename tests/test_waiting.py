@@ -213,13 +213,14 @@ async def test_bad_queue_requests_get_a_clear_error_and_change_nothing(client: h
     plain = (await create_sale(client, items=phone(10)))["id"]
     ticket = (await join(client, sale, "alice")).json()["ticket"]
     assert (await client.post(f"/v1/sales/{sale}/queue", json={"user": "x"})).status_code == 422
-    assert (await join(client, plain, "alice")).status_code == 404
+    assert (await join(client, plain, "alice")).status_code == 409  # the sale is there, its room is not
+    assert (await join(client, "no-such-sale", "alice")).status_code == 404
     assert (await client.get(f"/v1/sales/{sale}/queue/{ticket}")).status_code == 422  # no user_id
     assert (await client.get(f"/v1/sales/{sale}/queue/{ticket}", params={"user_id": "bob"})).status_code == 404
     assert (await client.get(f"/v1/sales/{sale}/queue/nope", params={"user_id": "alice"})).status_code == 404
     bad_rate = await client.patch(f"/v1/sales/{sale}/queue", json={"admit_per_s": 0}, headers=OPS)
     assert bad_rate.status_code == 422
-    assert (await client.patch(f"/v1/sales/{plain}/queue", json={"admit_per_s": 5}, headers=OPS)).status_code == 404
+    assert (await client.patch(f"/v1/sales/{plain}/queue", json={"admit_per_s": 5}, headers=OPS)).status_code == 409
     bad_room = await client.post(
         "/v1/sales",
         json={

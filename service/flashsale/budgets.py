@@ -35,15 +35,21 @@ from .scripts import Scripts
 PENDING_MS = 30_000  # a charge whose hold was neither reported made nor refused after this long: the API died
 
 
-def places(slots: Sequence[str], ip: str, device: str) -> dict[str, tuple[str, str]]:
-    """slot -> (the ip key counted there, the device counted there), '' for none: each client
-    key in the shard its own hash picks (prefixed, so that an ip and a device named alike differ)."""
-    out: dict[str, tuple[str, str]] = {}
+def places(slots: Sequence[str], ip: str, device: str, rate_ip: str = "") -> dict[str, tuple[str, str, str]]:
+    """slot -> (the ip key whose units are counted there, the device counted there, the ip key
+    whose attempts a second are counted there), '' for none: each client key's units in the shard
+    its own hash picks (prefixed, so that an ip and a device named alike differ); the attempts
+    an ip makes a second in the sale's own slot, where every other item of the sale counts them."""
+    out: dict[str, tuple[str, str, str]] = {}
     if ip:
-        out[shards.home(slots, f"ip:{ip}")] = (ip, "")
+        out[shards.home(slots, f"ip:{ip}")] = (ip, "", "")
     if device:
         slot = shards.home(slots, f"device:{device}")
-        out[slot] = (out.get(slot, ("", ""))[0], device)
+        was = out.get(slot, ("", "", ""))
+        out[slot] = (was[0], device, "")
+    if rate_ip:
+        was = out.get(slots[0], ("", "", ""))
+        out[slots[0]] = (was[0], was[1], rate_ip)
     return out
 
 
@@ -54,13 +60,13 @@ class Budgets:
     scripts: Scripts
 
     async def charge(
-        self, where: Mapping[str, tuple[str, str]], sku: str, rid: str, quantity: int
+        self, where: Mapping[str, tuple[str, str, str]], sku: str, rid: str, quantity: int
     ) -> tuple[str, int] | None:
         """Takes the client's budget in every slot that counts a part of it, or none: then the
         refusal (code, number), and a refusal in one gave back what the others took."""
         k = self.keys
         taken: list[str] = []
-        for slot, (ip, device) in where.items():
+        for slot, (ip, device, rate_ip) in where.items():
             got = await self.scripts.budget_take(
                 keys=[
                     k.sale(slot),
@@ -69,9 +75,9 @@ class Budgets:
                     k.pending(slot, sku),
                     k.ips(slot, sku),
                     k.devices(slot, sku),
-                    k.ip_rate(slot, ip),
+                    k.ip_rate(slot, rate_ip),
                 ],
-                args=[rid, quantity, ip, device],
+                args=[rid, quantity, ip, device, rate_ip],
             )
             if got[0] != "ok":
                 await self.give(taken, sku, [rid])
@@ -113,7 +119,7 @@ class Budgets:
             pipe.hmget(k.reservation(slot, rid), ["ip", "device"])
         given = 0
         for (rid, sku), (ip, device) in zip(waiting.items(), await pipe.execute(), strict=True):
-            counted = places(item_slots.get(sku, [slot]), ip or "", device or "")
+            counted = places(item_slots.get(sku, [slot]), ip or "", device or "")  # the rate is not given back
             given += await self.give(list(counted), sku, [rid])
             await self.redis.hdel(k.refunds(slot), rid)
         return given

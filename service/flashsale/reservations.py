@@ -35,6 +35,7 @@ from .waiting import Tokens
 RID = re.compile(r"^(([A-Za-z0-9_-]{1,64})(?:~[0-9a-f]{1,8})?)\.[A-Za-z0-9_-]{22}(?!\n)$")
 FIELDS = ("rid", "sku", "user", "qty", "status", "created_ms", "expires_ms", "final_ms", "payment_ref")
 MOVE_TRIES = 5  # a sharded item: rounds of "take stock from the other shards, try again"
+KEY_WAIT_S = 0.25  # a charge refused: how long a same-key request in flight may take to make its hold
 
 
 def new_rid(slot: str) -> str:
@@ -240,8 +241,9 @@ class Reservations:
         and asked again, or sold_out if the item as a whole is short. The client's budgets are
         charged first where they are counted, unless that is the user's shard too (budgets.py)."""
         slot = shards.home(slots, user_id)
-        counts_ip, counts_device = await self.routes.counted(sale_id, sku)
-        where = budgets.places(slots, client[0] if counts_ip else "", client[1] if counts_device else "")
+        by_ip, by_device, ip_rate = await self.routes.counted(sale_id, sku)
+        ip, device = client
+        where = budgets.places(slots, ip if by_ip else "", device if by_device else "", ip if ip_rate else "")
         charged = bool(where) and set(where) != {slot}
         rid = new_rid(slot)
         claimed = False
@@ -251,7 +253,11 @@ class Reservations:
                 self.tally.refused(sale_id, sku, claim.code)
                 return claim
             claimed = claim
-        refusal = await self._charge(sale_id, sku, rid, quantity, where) if charged else None
+        if charged and idem and await self._key_used(slot, user_id, idem):
+            charged = False  # a retry of a reservation made: the script replays it before any budget
+        refusal = await self._charge(sku, rid, quantity, where) if charged else None
+        if refusal is not None and idem and await self._key_used(slot, user_id, idem, wait=not claimed):
+            charged, refusal = False, None  # the same key's first try got the budget: its hold is replayed
         outcome = refusal or await self._hold_in_shard(
             sale_id, slots, slot, user_id, sku, quantity, idem, client, rid, charged
         )
@@ -265,13 +271,24 @@ class Reservations:
         return outcome
 
     async def _charge(
-        self, sale_id: str, sku: str, rid: str, quantity: int, where: dict[str, tuple[str, str]]
+        self, sku: str, rid: str, quantity: int, where: dict[str, tuple[str, str, str]]
     ) -> ApiError | None:
+        """The client's budgets taken where they are counted, or the refusal (counted there, by
+        lua/budget_take.lua, not again here)."""
         refused = await self.budgets.charge(where, sku, rid, quantity)
-        if refused is None:
-            return None
-        self.tally.refused(sale_id, sku, refused[0])
-        return reject(*refused)
+        return None if refused is None else reject(*refused)
+
+    async def _key_used(self, slot: str, user_id: str, idem: str, wait: bool = False) -> bool:
+        """Whether the Idempotency-Key made a reservation in ``slot``. ``wait``: a request with the
+        same key may be between its charge and its hold (it took the budget this one was refused):
+        give it a moment (KEY_WAIT_S) to make the hold, so that this one replays it."""
+        key = self.keys.idempotency(slot, user_id, idem)
+        deadline = asyncio.get_running_loop().time() + (KEY_WAIT_S if wait else 0)
+        while not await self.redis.exists(key):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def _hold_in_shard(
         self,

@@ -162,7 +162,7 @@ class Routes:
     def learn(self, doc: SaleDoc) -> None:
         sharded = {i.sku: slots_of(doc, i) for i in doc.items if i.shards > 1}
         counted = {
-            i.sku: (bool(i.per_ip_limit or doc.ip_rate_per_s), bool(i.per_device_limit))
+            i.sku: (bool(i.per_ip_limit), bool(i.per_device_limit), bool(doc.ip_rate_per_s))
             for i in doc.items
             if i.shards > 1
         }
@@ -189,9 +189,10 @@ class Routes:
         """The slots of an item, the sale's own first: just that one for an item not sharded."""
         return (await self._of(sale_id)).sharded.get(sku, [sale_id])
 
-    async def counted(self, sale_id: str, sku: str) -> tuple[bool, bool]:
-        """Whether a sharded item counts its clients' ip, and their device (budgets.py)."""
-        return (await self._of(sale_id)).counted.get(sku, (False, False))
+    async def counted(self, sale_id: str, sku: str) -> tuple[bool, bool, bool]:
+        """Whether a sharded item counts its clients' units by ip, by device, and their attempts
+        by ip (the sale's ip_rate_per_s): budgets.py."""
+        return (await self._of(sale_id)).counted.get(sku, (False, False, False))
 
     async def slots(self, sale_id: str) -> list[str]:
         """Every slot of the sale, its own first."""
@@ -204,7 +205,7 @@ class Routes:
 
 class Route(NamedTuple):
     sharded: dict[str, list[str]]  # sku -> its slots, of each sharded item
-    counted: dict[str, tuple[bool, bool]]  # sku -> (ip counted, device counted), of each sharded item
+    counted: dict[str, tuple[bool, bool, bool]]  # sku -> (ip units, device units, ip attempts counted), if sharded
     extra: list[str]
     waiting_room: bool
     extensions: tuple[int, int]  # max_extensions, max_extension_seconds

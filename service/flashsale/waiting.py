@@ -117,7 +117,7 @@ class Room:
             if result[0] == "retry":
                 continue
             if result[0] == "err":
-                raise ApiError("not_found", f"no sale {sale_id!r} with a waiting room")
+                raise await self._no_room(sale_id)
             return await self.poll(sale_id, result[1], user_id), result[0] == "new"
         raise ApiError("unavailable", "the user's ticket kept changing: try again", retry_after=1)
 
@@ -194,7 +194,15 @@ class Room:
         if result[0] == "err":
             if result[1] == "invalid_state":
                 raise ApiError("invalid_state", "the waiting room is closed, and closed is final")
-            raise ApiError("not_found", f"no sale {sale_id!r} with a waiting room")
+            raise await self._no_room(sale_id)
+
+    async def _no_room(self, sale_id: str) -> ApiError:
+        """404 for no such sale; 409 for a sale that has no waiting room (the sale is there)."""
+        if await self.redis.exists(self.keys.sale(sale_id)):
+            return ApiError(
+                "invalid_state", f"sale {sale_id!r} has no waiting room (it is set when the sale is created)"
+            )
+        return ApiError("not_found", f"no sale {sale_id!r}")
 
     async def tick(self, sales: Sales, sale_id: str) -> tuple[int, int, str]:
         """One admission tick of one sale: (admitted, expired, closed reason or '')."""
