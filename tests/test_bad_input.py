@@ -276,3 +276,13 @@ async def test_a_validation_error_names_the_field(client: httpx.AsyncClient) -> 
     sale = await create_sale(client)
     r = await client.post(f"/v1/sales/{sale['id']}/reservations", json={**GOOD, "quantity": 0})
     assert r.json()["error"]["fields"] == ["quantity"]
+
+
+async def test_a_whole_number_written_with_a_fraction_is_an_integer_as_json_schema_says(
+    client: httpx.AsyncClient,
+) -> None:
+    sale = await create_sale(client)
+    r = await client.post(f"/v1/sales/{sale['id']}/reservations", json={**GOOD, "quantity": 2.0})
+    assert (r.status_code, r.json()["quantity"]) == (201, 2)
+    half = await client.post(f"/v1/sales/{sale['id']}/reservations", json={**GOOD, "user_id": "v", "quantity": 1.5})
+    assert (half.status_code, half.json()["error"]["fields"]) == (422, ["quantity"])

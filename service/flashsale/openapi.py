@@ -258,6 +258,71 @@ def _monitor_paths() -> dict[str, Any]:
     }
 
 
+def _operation(path: str, method: str) -> str:
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+def _link(paths: dict[str, Any]) -> None:
+    """OpenAPI links from what an operation creates to what can be done with it (a sale to its
+    reservations and carts, a reservation to its confirm, cancel and extend, a cart to its own):
+    a client generator, and a fuzzer's stateful phase, can follow them."""
+    user = "$response.body#/user_id"
+    sale = {"sale_id": "$response.body#/id"}
+    rid = {"rid": "$response.body#/reservation_id"}
+    cart = {"cart_id": "$response.body#/cart_id"}
+    first_sku = "$response.body#/items/0/sku"
+    Link = tuple[str, str, dict[str, str], dict[str, Any] | None]  # to path, method, parameters, body
+    made: dict[tuple[str, str, str], dict[str, Link]] = {
+        ("/v1/sales", "post", "201"): {
+            "GetSale": ("/v1/sales/{sale_id}", "get", sale, None),
+            "Reserve": ("/v1/sales/{sale_id}/reservations", "post", sale, {"user_id": "shopper", "sku": first_sku}),
+            "CreateCart": (
+                "/v1/sales/{sale_id}/carts",
+                "post",
+                sale,
+                {"user_id": "shopper", "lines": [{"sku": first_sku, "quantity": 1}]},
+            ),
+        },
+        ("/v1/sales/{sale_id}/reservations", "post", "201"): {
+            "GetReservation": ("/v1/reservations/{rid}", "get", rid | {"user_id": user}, None),
+            "Confirm": ("/v1/reservations/{rid}/confirm", "post", rid, {"user_id": user, "payment_ref": "psp-1"}),
+            "Cancel": ("/v1/reservations/{rid}/cancel", "post", rid, {"user_id": user}),
+            "Extend": ("/v1/reservations/{rid}/extend", "post", rid, {"user_id": user, "seconds": 60}),
+        },
+        ("/v1/sales/{sale_id}/carts", "post", "201"): {
+            "GetCart": ("/v1/carts/{cart_id}", "get", cart | {"user_id": user}, None),
+            "ConfirmCart": ("/v1/carts/{cart_id}/confirm", "post", cart, {"user_id": user, "payment_ref": "psp-1"}),
+            "CancelCart": ("/v1/carts/{cart_id}/cancel", "post", cart, {"user_id": user}),
+        },
+    }
+    for (path, method, status), links in made.items():
+        response = paths[path][method]["responses"][status]
+        response["links"] = {}
+        for name, (to, to_method, parameters, request_body) in links.items():
+            link: dict[str, Any] = {"operationRef": _operation(to, to_method), "parameters": parameters}
+            if request_body is not None:
+                link["requestBody"] = request_body
+            response["links"][name] = link
+
+
+RULES_422 = {  # what JSON Schema cannot say, answered 422 invalid_request
+    ("/v1/sales", "post"): "ends_at not after starts_at, or one sku twice",
+    ("/v1/sales", "get"): "a cursor this API did not give out",
+    ("/v1/sales/{sale_id}", "patch"): "ends_at not after starts_at, or one sku twice",
+    ("/v1/sales/{sale_id}/carts", "post"): "one sku twice, or a line of a sharded item",
+}
+
+
+def _declare_rules(paths: dict[str, Any]) -> None:
+    """Every operation that takes a body or a query declares its 422; where rules beyond the
+    schema give one, the description says which."""
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            if "requestBody" in op or any(p.get("in") == "query" for p in op.get("parameters", [])):
+                why = RULES_422.get((path, method), "the request breaks the schema")
+                op["responses"]["422"] = {"description": f"invalid_request: {why}", **_content(Error)}
+
+
 def document() -> bytes:
     types = [
         SaleIn,
@@ -375,6 +440,8 @@ def document() -> bytes:
     for extra in (_admin_paths(), _monitor_paths()):  # merged per path: GET /v1/sales joins its POST
         for path, operations in extra.items():
             paths.setdefault(path, {}).update(operations)
+    _link(paths)
+    _declare_rules(paths)
     doc = {
         "openapi": "3.1.0",
         "info": {

@@ -59,9 +59,25 @@ def decode(raw: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=type_)
     except msgspec.ValidationError as exc:
+        if "got `float`" in str(exc):  # 2499.0 is an integer to JSON Schema: take it as one
+            try:
+                return msgspec.convert(_whole(msgspec.json.decode(raw)), type_)
+            except msgspec.ValidationError as again:
+                exc = again
         raise ApiError("invalid_request", str(exc), fields=FIELD.findall(str(exc))) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError("invalid_request", f"body is not valid JSON: {exc}", status=400) from None
+
+
+def _whole(value: Any) -> Any:
+    """``value`` with every float that is a whole number made an int (2499.0 -> 2499)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
 
 
 def too_long(content_length: str) -> bool:
