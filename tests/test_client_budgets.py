@@ -175,14 +175,7 @@ async def test_a_cancel_or_an_expiry_on_a_shard_gives_the_clients_budget_back(
 async def test_a_charge_whose_hold_never_came_is_given_back_and_its_hold_can_never_be_made(
     client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
-    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
-    slots = await shard_slots(redis, keys, sale)
-    where = budgets.places(slots, "192.0.2.4", "")
-    counted = next(iter(where))
-    user = next(u for u in (f"u{n}" for n in range(100)) if shards.home(slots, u) != counted)
-    rid = new_rid(shards.home(slots, user))
-    owed = budgets.Budgets(redis, keys, scripts)
-    assert await owed.charge(where, "phone", rid, 1) is None  # ... and the API process dies here
+    sale, slots, counted, user, rid, owed = await charged(client, redis, keys, scripts)  # ... and the API dies
     assert (await reserve(client, sale, "other", ip="192.0.2.4")).status_code == 409
     assert await owed.repair(counted, "phone", now_ms() - budgets.PENDING_MS) == 0  # not yet overdue
     assert await owed.repair(counted, "phone", now_ms() + 1) == 1
@@ -196,14 +189,7 @@ async def test_a_charge_whose_hold_never_came_is_given_back_and_its_hold_can_nev
 async def test_a_charge_whose_hold_was_made_but_not_reported_is_kept(
     client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
-    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
-    slots = await shard_slots(redis, keys, sale)
-    where = budgets.places(slots, "192.0.2.4", "")
-    counted = next(iter(where))
-    user = next(u for u in (f"u{n}" for n in range(100)) if shards.home(slots, u) != counted)
-    rid = new_rid(shards.home(slots, user))
-    owed = budgets.Budgets(redis, keys, scripts)
-    assert await owed.charge(where, "phone", rid, 1) is None
+    sale, slots, counted, user, rid, owed = await charged(client, redis, keys, scripts)
     assert (await hold(scripts, keys, shards.home(slots, user), rid, user))[0] == "ok"  # ... and then it dies
     assert await owed.repair(counted, "phone", now_ms() + 1) == 0
     assert await redis.zcard(keys.pending(counted, "phone")) == 0
@@ -272,6 +258,23 @@ async def test_ip_rate_per_s_is_the_sales_whichever_items_an_address_asks_for(
 async def reserve_with_key(c: httpx.AsyncClient, sale: str, user: str, key: str, **client: str) -> httpx.Response:
     body = {"user_id": user, "sku": "phone", "client": client}
     return await c.post(f"/v1/sales/{sale}/reservations", json=body, headers={"Idempotency-Key": key})
+
+
+async def charged(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts
+) -> tuple[str, list[str], str, str, str, budgets.Budgets]:
+    """A sharded item with per_ip_limit 1, and a charge for one unit of 192.0.2.4 taken for a hold
+    of a user in another shard, as the API takes it before the hold: (sale, slots, the slot that
+    counts the address, user, the hold's id, the Budgets)."""
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    where = budgets.places(slots, "192.0.2.4", "")
+    counted = next(iter(where))
+    user = next(u for u in (f"u{n}" for n in range(100)) if shards.home(slots, u) != counted)
+    rid = new_rid(shards.home(slots, user))
+    owed = budgets.Budgets(redis, keys, scripts)
+    assert await owed.charge(where, "phone", rid, 1) is None
+    return sale, slots, counted, user, rid, owed
 
 
 async def shard_slots(redis: Redis, keys: Keys, sale_id: str) -> list[str]:
