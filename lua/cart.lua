@@ -97,7 +97,8 @@ for i = 1, n do
   redis.call('ZADD', key(i, 3), expires, rid)
   redis.call('ZADD', KEYS[6], now, rid)
   redis.call('XADD', KEYS[2], '*', 'type', 'reserve', 'rid', rid, 'sku', sku, 'user', user, 'qty', qty,
-    'status', 'held', 'created_ms', now, 'expires_ms', expires, 'idem', '', 'at_ms', now)
+    'status', 'held', 'created_ms', now, 'expires_ms', expires, 'idem', '', 'at_ms', now, 'ip', ip,
+    'device', device)
   rids[i] = rid
 end
 redis.call('HSET', KEYS[3], 'user', user, 'rids', table.concat(rids, ','), 'created_ms', now,

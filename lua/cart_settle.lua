@@ -30,7 +30,8 @@ local function record(i, status)
   redis.call('ZREM', key(i, 4), rid)
   redis.call('XADD', KEYS[2], '*', 'type', status, 'rid', rid, 'sku', r[2], 'user', r[1], 'qty', r[3],
     'status', status, 'created_ms', r[6], 'expires_ms', r[5], 'idem', '',
-    'payment_ref', redis.call('HGET', key(i, 1), 'payment_ref') or '', 'at_ms', now)
+    'payment_ref', redis.call('HGET', key(i, 1), 'payment_ref') or '', 'at_ms', now, 'ip', r[7] or '',
+    'device', r[8] or '')
 end
 local function release(i, status, counter)
   local r, qty = lines[i], tonumber(lines[i][3])

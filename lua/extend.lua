@@ -9,7 +9,7 @@
 -- Returns {'ok'} or {'err', code}: not_found (no such hold of this user), hold_expired (due or
 -- expired), invalid_state (confirmed or released), extension_limit.
 local r = redis.call('HMGET', KEYS[1], 'user', 'sku', 'qty', 'status', 'expires_ms', 'created_ms', 'idem',
-  'extensions', 'extended_s')
+  'extensions', 'extended_s', 'ip', 'device')
 if not r[1] or r[1] ~= ARGV[2] then return {'err', 'not_found'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -22,5 +22,6 @@ local expires = tonumber(r[5]) + seconds * 1000
 redis.call('HSET', KEYS[1], 'expires_ms', expires, 'extensions', count, 'extended_s', total)
 redis.call('ZADD', KEYS[2], 'XX', expires, ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'type', 'extended', 'rid', ARGV[1], 'sku', r[2], 'user', r[1], 'qty', r[3],
-  'status', 'held', 'created_ms', r[6], 'expires_ms', expires, 'idem', r[7] or '', 'at_ms', now)
+  'status', 'held', 'created_ms', r[6], 'expires_ms', expires, 'idem', r[7] or '', 'at_ms', now, 'ip', r[10] or '',
+  'device', r[11] or '')
 return {'ok'}

@@ -121,5 +121,5 @@ end
 redis.call('ZADD', KEYS[9], now, ARGV[1])
 redis.call('XADD', KEYS[6], '*', 'type', 'reserve', 'rid', ARGV[1], 'sku', ARGV[3],
   'user', ARGV[2], 'qty', qty, 'status', 'held', 'created_ms', now, 'expires_ms', expires,
-  'idem', ARGV[6], 'at_ms', now)
+  'idem', ARGV[6], 'at_ms', now, 'ip', ip, 'device', device)
 return {'ok', tostring(now), tostring(expires)}

@@ -26,7 +26,8 @@ local function record(key, rid, r, status)
   redis.call('ZREM', KEYS[3], rid)
   redis.call('XADD', KEYS[4], '*', 'type', status, 'rid', rid, 'sku', r[2], 'user', r[1],
     'qty', r[3], 'status', status, 'created_ms', r[6], 'expires_ms', r[5], 'idem', r[7] or '',
-    'payment_ref', redis.call('HGET', key, 'payment_ref') or '', 'at_ms', now)
+    'payment_ref', redis.call('HGET', key, 'payment_ref') or '', 'at_ms', now, 'ip', r[8] or '',
+    'device', r[9] or '')
 end
 
 local function release(key, rid, r, status, counter)

@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
 
 from flashsale import budgets, shards
 from flashsale.keys import Keys
+from flashsale.persister import Persister
+from flashsale.recover import recover
 from flashsale.reservations import fingerprint, new_rid, reserve_keys
 from flashsale.sales import now_ms
 from flashsale.scripts import Scripts
 from flashsale.sweeper import sweep_once
 
-from .conftest import create_sale
+from .conftest import create_sale, drained
+from .test_recover import forget_sale
 
 
 def phone(stock: int = 100, **limits: Any) -> list[dict[str, Any]]:
@@ -287,3 +291,53 @@ async def hold(scripts: Scripts, keys: Keys, slot: str, rid: str, user: str) -> 
         keys=reserve_keys(keys, slot, rid, user, "phone", "", "192.0.2.4"),
         args=[rid, user, "phone", 1, fingerprint("phone", 1), "", 0, "shard", "192.0.2.4", "", "1"],
     )
+
+
+async def test_recover_of_a_lost_sale_counts_each_clients_units_again(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    sale = (await create_sale(client, items=phone(per_ip_limit=2, per_device_limit=5)))["id"]
+    for user in ("a", "b"):
+        assert (await reserve(client, sale, user, ip="192.0.2.4", device="d1")).status_code == 201
+    await drained(redis, keys, sale)
+    await forget_sale(redis, keys, sale)
+    report = await recover(redis, pg, keys, scripts, sale)
+    assert report.outcomes["added"] == 2 and not report.problems
+    assert (await reserve(client, sale, "c", ip="192.0.2.4")).status_code == 409  # both units still counted
+    assert await redis.hget(keys.devices(sale, "phone"), "d1") == "2"
+
+
+async def test_recover_of_a_lost_shard_gives_back_the_budget_of_its_holds_charged_elsewhere(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    counted = next(iter(budgets.places(slots, "192.0.2.4", "")))
+    lost = next(s for s in slots[1:] if s != counted)
+    user = next(u for u in (f"u{n}" for n in range(1000)) if shards.home(slots, u) == lost)
+    made = (await reserve(client, sale, user, ip="192.0.2.4")).json()
+    await drained(redis, keys, sale)
+    await forget_sale(redis, keys, lost)
+    report = await recover(redis, pg, keys, scripts, sale)
+    assert report.slots_remade == [lost] and not report.problems
+    cancel = await client.post(f"/v1/reservations/{made['reservation_id']}/cancel", json={"user_id": user})
+    assert cancel.status_code == 200
+    other = next(u for u in (f"v{n}" for n in range(1000)) if shards.home(slots, u) != counted)
+    assert (await reserve(client, sale, other, ip="192.0.2.4")).status_code == 201  # its charge came back
+
+
+async def test_recover_of_the_shard_that_counts_a_client_counts_its_holds_in_the_others_again(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    sale = (await create_sale(client, items=phone(shards=3, per_ip_limit=1)))["id"]
+    slots = await shard_slots(redis, keys, sale)
+    ip = next(f"192.0.2.{n}" for n in range(1, 250) if next(iter(budgets.places(slots, f"192.0.2.{n}", ""))) != sale)
+    counted = next(iter(budgets.places(slots, ip, "")))
+    user = next(u for u in (f"u{n}" for n in range(1000)) if shards.home(slots, u) not in (counted,))
+    assert (await reserve(client, sale, user, ip=ip)).status_code == 201
+    await drained(redis, keys, sale)
+    await forget_sale(redis, keys, counted)  # the shard that counted the address: its charge is gone
+    report = await recover(redis, pg, keys, scripts, sale)
+    assert report.slots_remade == [counted] and not report.problems
+    again = next(u for u in (f"v{n}" for n in range(1000)) if shards.home(slots, u) != counted)
+    assert (await reserve(client, sale, again, ip=ip)).status_code == 409  # the address has its one unit

@@ -49,14 +49,16 @@ POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 # holds is refused like any other bad data (SQLSTATE class 22).
 UPSERT_RESERVATIONS = """
 INSERT INTO reservations (id, sale_id, sku, user_id, quantity, status, idempotency_key, payment_ref,
-                          created_at, expires_at, confirmed_at, released_at, expired_at)
+                          created_at, expires_at, confirmed_at, released_at, expired_at, client_ip, client_device)
 SELECT r.rid, $1, r.sku, r."user", r.qty, r.status, coalesce(r.idem, ''), nullif(r.payment_ref, ''),
        to_timestamp(r.created_ms / 1000.0), to_timestamp(r.expires_ms / 1000.0),
        CASE WHEN r.status = 'confirmed' THEN to_timestamp(r.at_ms / 1000.0) END,
        CASE WHEN r.status = 'released' THEN to_timestamp(r.at_ms / 1000.0) END,
-       CASE WHEN r.status = 'expired' THEN to_timestamp(r.at_ms / 1000.0) END
+       CASE WHEN r.status = 'expired' THEN to_timestamp(r.at_ms / 1000.0) END,
+       nullif(r.ip, ''), nullif(r.device, '')
 FROM json_to_recordset($2::json) AS r(rid text, sku text, "user" text, qty integer, status text, idem text,
-                                      payment_ref text, created_ms bigint, expires_ms bigint, at_ms bigint)
+                                      payment_ref text, created_ms bigint, expires_ms bigint, at_ms bigint,
+                                      ip text, device text)
 ON CONFLICT (id) DO UPDATE SET
     status = EXCLUDED.status, payment_ref = EXCLUDED.payment_ref, confirmed_at = EXCLUDED.confirmed_at,
     released_at = EXCLUDED.released_at, expired_at = EXCLUDED.expired_at,

@@ -26,9 +26,10 @@ What recover does, in this order:
    Postgres counts as taken while the holds were being put back.
 
 Each call is atomic and moves the counters as reserve and settle do, so recover may run while
-the sale takes traffic, and running it twice changes nothing the second time. What it cannot
-restore: the attempts and rejection counters and the per-user rate windows (Postgres never had
-them). If units lost in Redis were sold again before recover ran (a lost hold's unit looked
+the sale takes traffic, and running it twice changes nothing the second time. Each client's
+units (client budgets) are counted again too, for a sharded item as a charge in the slot that
+counts the client (``lua/budget_restore.lua``). What it cannot restore: the attempts and
+rejection counters and the per-user and per-ip rate windows (Postgres never had them). If units lost in Redis were sold again before recover ran (a lost hold's unit looked
 available), the item ends with ``available`` below zero: that many units were promised twice.
 Recover says so, and nothing more is sold until ops restock or cancel.
 """
@@ -45,7 +46,7 @@ from typing import cast
 import asyncpg
 import msgspec
 
-from . import shards
+from . import budgets, shards
 from .connection import Client
 from .keys import GROUP, Keys
 from .reservations import fingerprint, slot_of
@@ -150,11 +151,11 @@ async def recover(
         async for row in cursor:
             batch.append(row)
             if len(batch) == BATCH:
-                report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
+                report.outcomes.update(await _put_back(scripts, keys, sale_id, batch, doc))
                 done += len(batch)
                 say(f"  {done:,} / {total:,} reservations")
                 batch = []
-        report.outcomes.update(await _put_back(scripts, keys, sale_id, batch))
+        report.outcomes.update(await _put_back(scripts, keys, sale_id, batch, doc))
     for item in doc.items:  # while still paused: a shard left short must not sell first
         available = await _balance(redis, keys, scripts, shards.slots_of(doc, item), item.sku)
         if available < 0:
@@ -241,10 +242,22 @@ def _document(sale: asyncpg.Record, items: list[asyncpg.Record]) -> SaleDoc:
     )
 
 
-async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[asyncpg.Record]) -> list[str]:
-    """One recover_hold call per row, all sent together (the tick's pipeline)."""
+async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[asyncpg.Record], doc: SaleDoc) -> list[str]:
+    """One recover_hold call per row, all sent together (the tick's pipeline); then the client
+    budget charges of the holds of sharded items counted in other slots (budgets.py), once each."""
+    items = {i.sku: i for i in doc.items}
 
-    def call(r: asyncpg.Record) -> asyncio.Future[str]:
+    def counted(r: asyncpg.Record) -> dict[str, tuple[str, str, str]]:
+        """Where the row's client is counted, if that is not the slot its hold is in."""
+        item = items.get(r["sku"])
+        if item is None or item.shards == 1:
+            return {}
+        ip = (r["client_ip"] or "") if item.per_ip_limit else ""
+        device = (r["client_device"] or "") if item.per_device_limit else ""
+        where = budgets.places(shards.slots_of(doc, item), ip, device)
+        return where if where and set(where) != {slot_of(r["id"])[0]} else {}
+
+    def call(r: asyncpg.Record) -> asyncio.Future[list[str]]:
         final = r["confirmed_at"] or r["released_at"] or r["expired_at"]
         idem = r["idempotency_key"] or ""
         slot = slot_of(r["id"])[0]  # a sharded item's: the shard of its user
@@ -257,6 +270,9 @@ async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[async
                     keys.reservation(slot, r["id"]),
                     keys.idempotency(slot, r["user_id"], idem),
                     keys.user_reservations(slot, r["user_id"]),
+                    keys.ips(slot, r["sku"]),
+                    keys.devices(slot, r["sku"]),
+                    keys.refunds(slot),
                 ],
                 args=[
                     r["id"],
@@ -272,8 +288,23 @@ async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[async
                     f"{r['id']}|{fingerprint(r['sku'], r['quantity'])}",  # as reserve.lua writes it
                     keys.changes,
                     sale_id,
+                    r["client_ip"] or "",
+                    r["client_device"] or "",
+                    "1" if counted(r) else "",
                 ],
             )
         )
 
-    return list(await asyncio.gather(*(call(r) for r in rows)))
+    results = await asyncio.gather(*(call(r) for r in rows))
+    restore = []
+    for r, (_, status) in zip(rows, results, strict=True):
+        if status in ("held", "confirmed"):  # units still out: their client's charge must be there
+            for place, (ip, device, _rate) in counted(r).items():
+                restore.append(
+                    scripts.budget_restore(
+                        keys=[keys.charges(place, r["sku"]), keys.ips(place, r["sku"]), keys.devices(place, r["sku"])],
+                        args=[r["id"], r["quantity"], ip, device],
+                    )
+                )
+    await asyncio.gather(*restore)
+    return [outcome for outcome, _ in results]

@@ -41,6 +41,7 @@ NAMES = (
     "extend",
     "cart",
     "cart_settle",
+    "budget_restore",
 )
 
 
@@ -81,6 +82,7 @@ class Scripts:
     extend: Script
     cart: Script
     cart_settle: Script
+    budget_restore: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:
