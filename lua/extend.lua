@@ -23,5 +23,5 @@ redis.call('HSET', KEYS[1], 'expires_ms', expires, 'extensions', count, 'extende
 redis.call('ZADD', KEYS[2], 'XX', expires, ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'type', 'extended', 'rid', ARGV[1], 'sku', r[2], 'user', r[1], 'qty', r[3],
   'status', 'held', 'created_ms', r[6], 'expires_ms', expires, 'idem', r[7] or '', 'at_ms', now, 'ip', r[10] or '',
-  'device', r[11] or '')
+  'device', r[11] or '', 'extensions', count, 'extended_s', total)
 return {'ok'}

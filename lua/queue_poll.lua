@@ -9,15 +9,17 @@
 -- ARGV[1] ticket   ARGV[2] the user asking
 -- Returns {'err', 'not_found'} (no such ticket, or another user's), or {status, position
 --   (0-based, -1 unless waiting), admitted_ms or '', reason or '', {admit_per_s, abandon_ms,
---   ttl_ms, the sale's starts_ms, now ms, admitted, expired and joined so far}, the ticket's place}
+--   ttl_ms, the sale's starts_ms, now ms, admitted, expired and joined so far, the sale's
+--   created_ms (made again by a recover: the room's generation)}, the ticket's place}
 local t = redis.call('HMGET', KEYS[1], 'user', 'status', 'admitted_ms', 'reason', 'place')
 if not t[1] or t[1] ~= ARGV[2] then return {'err', 'not_found'} end
 local state = redis.call('HMGET', KEYS[4], 'admit_per_s', 'abandon_ms', 'closed', 'ttl_ms', 'admitted', 'expired',
   'joined')
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local room = {state[1], state[2], state[4], redis.call('HGET', KEYS[5], 'starts_ms'), now, state[5] or '0',
-  state[6] or '0', state[7] or '0'}
+local sale = redis.call('HMGET', KEYS[5], 'starts_ms', 'created_ms')
+local room = {state[1], state[2], state[4], sale[1], now, state[5] or '0', state[6] or '0', state[7] or '0',
+  sale[2] or '0'}
 local place = t[5]
 local status = t[2]
 if status == 'waiting' then

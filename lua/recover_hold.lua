@@ -16,8 +16,10 @@
 -- ARGV[12] the changes channel   ARGV[13] the sale id (published there when units come back)
 -- ARGV[14] the client's ip key ('')   ARGV[15] the client's device ('')
 -- ARGV[16] '1' when the client is counted in other slots (a sharded item: budgets.py), else ''
+-- ARGV[17] times its hold was extended   ARGV[18] seconds it was extended by in all
 -- Returns {outcome, status in Redis after}: outcome 'added' (Redis had none of it), 'settled'
--- (Redis had it held, Postgres has its final status), or 'kept' (Redis knows as much or more).
+-- (Redis had it held, Postgres has its final status), 'extended' (both have it held, Postgres
+-- with a later expiry: an extension Redis lost), or 'kept' (Redis knows as much or more).
 local qty = tonumber(ARGV[4])
 local status = ARGV[5]
 local current = redis.call('HGET', KEYS[4], 'status')
@@ -36,7 +38,7 @@ end
 if not current then
   redis.call('HSET', KEYS[4], 'rid', ARGV[1], 'sku', ARGV[2], 'user', ARGV[3], 'qty', qty,
     'status', status, 'created_ms', ARGV[6], 'expires_ms', ARGV[7], 'idem', ARGV[10], 'ip', ip,
-    'device', device, 'charged', charged)
+    'device', device, 'charged', charged, 'extensions', ARGV[17], 'extended_s', ARGV[18])
   finish()
   redis.call('HINCRBY', KEYS[1], 'reservations', 1)
   if status == 'held' or status == 'confirmed' then
@@ -69,5 +71,11 @@ if current == 'held' and status ~= 'held' then
   redis.call('HSET', KEYS[4], 'status', status)
   finish()
   return {'settled', status}
+end
+if current == 'held' and status == 'held' and tonumber(ARGV[7]) > tonumber(redis.call('HGET', KEYS[4], 'expires_ms')) then
+  -- The client was told the later expiry (and the extension counts against the sale's limits).
+  redis.call('HSET', KEYS[4], 'expires_ms', ARGV[7], 'extensions', ARGV[17], 'extended_s', ARGV[18])
+  redis.call('ZADD', KEYS[3], 'XX', ARGV[7], ARGV[1])
+  return {'extended', current}
 end
 return {'kept', current}

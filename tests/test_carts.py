@@ -150,3 +150,19 @@ async def test_bad_carts_are_a_clear_422_that_changes_nothing(client: httpx.Asyn
     other = await client.get("/v1/carts/not-a-cart", params={"user_id": "u"})
     assert other.status_code == 404
     assert (await numbers(client, sale))["a"] == (10, 0)
+
+
+async def test_one_key_used_for_a_reservation_and_then_a_cart_is_an_idempotency_conflict(
+    client: httpx.AsyncClient,
+) -> None:
+    sale = (await create_sale(client, items=[item("a", 10)]))["id"]
+    body = {"user_id": "u", "sku": "a", "quantity": 1}
+    assert (
+        await client.post(f"/v1/sales/{sale}/reservations", json=body, headers={"Idempotency-Key": "k"})
+    ).status_code == 201
+    again = await cart(client, sale, "u", ("a", 1), key="k")
+    assert (again.status_code, again.json()["error"]["code"]) == (422, "idempotency_conflict")
+    made = await cart(client, sale, "u", ("a", 1), key="k2")
+    assert made.status_code == 201
+    reserved = await client.post(f"/v1/sales/{sale}/reservations", json=body, headers={"Idempotency-Key": "k2"})
+    assert (reserved.status_code, reserved.json()["error"]["code"]) == (422, "idempotency_conflict")

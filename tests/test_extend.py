@@ -13,10 +13,12 @@ from redis.asyncio import Redis
 
 from flashsale.keys import Keys
 from flashsale.persister import Persister
+from flashsale.recover import recover
 from flashsale.scripts import Scripts
 from flashsale.sweeper import sweep_once
 
 from .conftest import create_sale, drained
+from .test_recover import forget_sale
 
 
 async def hold(c: httpx.AsyncClient, sale: str, user: str) -> dict[str, Any]:
@@ -129,3 +131,27 @@ async def test_a_sweep_racing_an_extension_never_releases_the_extended_hold(
 
 def phone(stock: int) -> dict[str, Any]:
     return {"sku": "phone", "name": "Phone", "price_cents": 1, "stock": stock, "per_user_limit": 1}
+
+
+async def test_recover_keeps_a_holds_extensions_and_takes_back_one_redis_lost(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    sale = (await create_sale(client, hold_seconds=60, max_extensions=1, max_extension_seconds=100))["id"]
+    lost = (await hold(client, sale, "u"))["reservation_id"]
+    told = (await extend(client, lost, "u", 100)).json()["expires_at"]
+    await drained(redis, keys, sale)
+    await forget_sale(redis, keys, sale)
+    assert not (await recover(redis, pg, keys, scripts, sale)).problems
+    again = await extend(client, lost, "u", 1)  # the one extension was used before the loss
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "extension_limit")
+    kept = (await hold(client, sale, "v"))["reservation_id"]
+    before = int(await redis.hget(keys.reservation(sale, kept), "expires_ms") or 0)
+    longer = (await extend(client, kept, "v", 50)).json()["expires_at"]
+    await drained(redis, keys, sale)
+    # A failover left Redis with the hold as it was before the extension; Postgres has it after.
+    await redis.hset(keys.reservation(sale, kept), mapping={"expires_ms": before, "extensions": 0, "extended_s": 0})
+    await redis.zadd(keys.holds(sale, "phone"), {kept: before})
+    assert (await recover(redis, pg, keys, scripts, sale)).outcomes["extended"] == 1
+    for rid, user, expires in ((lost, "u", told), (kept, "v", longer)):
+        got = (await client.get(f"/v1/reservations/{rid}", params={"user_id": user})).json()
+        assert got["expires_at"] == expires

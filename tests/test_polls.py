@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -16,14 +17,17 @@ from redis.asyncio import Redis
 from flashsale import connection, metrics
 from flashsale.embedded import free_port
 from flashsale.keys import Keys
+from flashsale.persister import Persister
 from flashsale.polls import Polls
+from flashsale.recover import recover
 from flashsale.sales import now_ms
 from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 from flashsale.waiting import Room, Tokens
 
 from . import procs
-from .conftest import OPS, STORE, create_sale
+from .conftest import OPS, STORE, create_sale, drained
+from .test_recover import forget_sale
 from .test_waiting import join, phone, poll
 
 FRESH_MS = 250  # contract invariant 7: what memory answers is this fresh
@@ -136,3 +140,18 @@ def answered_by_redis() -> float:
 async def clients(*urls: str) -> AsyncIterator[list[httpx.AsyncClient]]:
     async with contextlib.AsyncExitStack() as stack:
         yield [await stack.enter_async_context(httpx.AsyncClient(base_url=u, headers=STORE, timeout=10)) for u in urls]
+
+
+async def test_a_ticket_of_a_room_made_again_by_recover_is_asked_of_redis_not_answered_from_memory(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, scripts: Scripts, pg: asyncpg.Connection, worker: Persister
+) -> None:
+    sale = (await create_sale(client, starts_at=later(), waiting_room={"admit_per_s": 10}, items=phone(5)))["id"]
+    ticket = (await join(client, sale, "me")).json()["ticket"]
+    for _ in range(2):  # known to the process, then answered from memory
+        assert (await poll(client, sale, ticket, "me"))["status"] == "waiting"
+    await drained(redis, keys, sale)
+    await forget_sale(redis, keys, sale)
+    assert not (await recover(redis, pg, keys, scripts, sale)).problems  # the room comes back empty
+    await asyncio.sleep(0.15)  # one snapshot's age
+    gone = await client.get(f"/v1/sales/{sale}/queue/{ticket}", params={"user_id": "me"})
+    assert gone.status_code == 404  # join again

@@ -39,8 +39,9 @@ def sale_of(cart_id: str) -> str:
 
 
 def lines_fingerprint(ask: CartIn) -> str:
-    """What an Idempotency-Key remembers of a cart's body: another body with it is a conflict."""
-    return ",".join(fingerprint(line.sku, line.quantity) for line in ask.lines)
+    """What an Idempotency-Key remembers of a cart's body: another body with it is a conflict, and
+    so is a reservation's (the key is the sale's and user's, whichever endpoint used it first)."""
+    return "cart:" + ",".join(fingerprint(line.sku, line.quantity) for line in ask.lines)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class Carts:
             pipe.hmget(k.reservation(sale_id, rid), FIELDS)
         now = now_ms()
         lines = [to_reservation(sale_id, values, now) for values in await pipe.execute()]
-        return Cart(cart_id, sale_id, user_id, instant(cart["expires_ms"]), lines)
+        held = [line.expires_at for line in lines if line.status == "held"]
+        return Cart(cart_id, sale_id, user_id, min(held) if held else instant(cart["expires_ms"]), lines)
 
     async def settle(
         self, cart_id: str, user_id: str, action: Literal["confirm", "cancel"], payment_ref: str = ""

@@ -49,20 +49,23 @@ POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 # holds is refused like any other bad data (SQLSTATE class 22).
 UPSERT_RESERVATIONS = """
 INSERT INTO reservations (id, sale_id, sku, user_id, quantity, status, idempotency_key, payment_ref,
-                          created_at, expires_at, confirmed_at, released_at, expired_at, client_ip, client_device)
+                          created_at, expires_at, confirmed_at, released_at, expired_at, client_ip, client_device,
+                          extensions, extended_s)
 SELECT r.rid, $1, r.sku, r."user", r.qty, r.status, coalesce(r.idem, ''), nullif(r.payment_ref, ''),
        to_timestamp(r.created_ms / 1000.0), to_timestamp(r.expires_ms / 1000.0),
        CASE WHEN r.status = 'confirmed' THEN to_timestamp(r.at_ms / 1000.0) END,
        CASE WHEN r.status = 'released' THEN to_timestamp(r.at_ms / 1000.0) END,
        CASE WHEN r.status = 'expired' THEN to_timestamp(r.at_ms / 1000.0) END,
-       nullif(r.ip, ''), nullif(r.device, '')
+       nullif(r.ip, ''), nullif(r.device, ''), coalesce(r.extensions, 0), coalesce(r.extended_s, 0)
 FROM json_to_recordset($2::json) AS r(rid text, sku text, "user" text, qty integer, status text, idem text,
                                       payment_ref text, created_ms bigint, expires_ms bigint, at_ms bigint,
-                                      ip text, device text)
+                                      ip text, device text, extensions integer, extended_s integer)
 ON CONFLICT (id) DO UPDATE SET
     status = EXCLUDED.status, payment_ref = EXCLUDED.payment_ref, confirmed_at = EXCLUDED.confirmed_at,
     released_at = EXCLUDED.released_at, expired_at = EXCLUDED.expired_at,
-    expires_at = greatest(reservations.expires_at, EXCLUDED.expires_at), persisted_at = now()
+    expires_at = greatest(reservations.expires_at, EXCLUDED.expires_at),
+    extensions = greatest(reservations.extensions, EXCLUDED.extensions),
+    extended_s = greatest(reservations.extended_s, EXCLUDED.extended_s), persisted_at = now()
 WHERE reservations.status = 'held'
   AND (EXCLUDED.status <> 'held' OR EXCLUDED.expires_at > reservations.expires_at)  -- final, or extended
 """

@@ -16,10 +16,13 @@ A poll goes to Redis instead when memory cannot be sure: a ticket this process d
 has not seen polled within ``abandon_after_s`` less ``MARGIN_MS`` (it may have expired since,
 through no fault of a write-back that takes at most ``FLUSH_MS``); one the admission has reached
 (admitted or expired: Redis says which); a closed room (the script tells the ticket, and counts
-it); or once enough tickets expired (or, before the start, joined) that the counted-down position
-could be off by more than a tenth. A final status (admitted, expired, closed) is never taken back, so it is kept. So
-memory says "waiting" only for a ticket that is, give or take one ``SNAPSHOT_MS``, and a failed
-write-back forgets the room's tickets, whose next polls go to Redis.
+it); a room made again since (flashsale recover loads a lost sale with an empty room); or once
+enough tickets expired (or, before the start, joined) that the counted-down position could be
+off by more than a tenth. A final status (admitted, expired, closed) is never taken back, so it
+is kept. So memory says "waiting" only for a ticket that is, give or take one ``SNAPSHOT_MS``,
+and a failed write-back forgets the room's tickets, whose next polls go to Redis. The polls it
+writes back carry this host's clock, which the tick compares with Redis's: hosts must keep
+their clocks within ``MARGIN_MS - FLUSH_MS`` of Redis's (NTP does far better).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import cast
 
 from . import connection, metrics
 from .connection import Client
+from .errors import ApiError
 from .keys import Keys
 from .sales import now_ms
 from .schemas import Ticket
@@ -43,7 +47,6 @@ log = logging.getLogger("flashsale.polls")
 SNAPSHOT_MS = 100  # a room's state read again after this long (admission and close show within it)
 FLUSH_MS = 250  # polls answered from memory are written back this often
 MARGIN_MS = 2000  # a ticket not seen polled here within abandon_after_s less this is asked of Redis
-SLACK = 5  # tickets that may have left the line ahead, or joined it ahead, before the position is read again
 FORGET_MS = 60_000  # a ticket not polled here this long is dropped from memory
 
 
@@ -64,6 +67,7 @@ class Snapshot:
     joined: int
     rate: int
     starts_ms: int
+    generation: int  # the sale's created_ms: tickets read in another generation are asked of Redis
 
 
 @dataclass
@@ -86,19 +90,24 @@ class Polls:
                 return self.room.answer(sale_id, ticket, s, now)
             if now - known.seen_ms < s.abandon_ms - MARGIN_MS:
                 snap = await self._snapshot(sale_id)
-                if snap is not None and not snap.closed and s.place > snap.admitted_place:
+                fresh = snap is not None and snap.generation == s.generation and not snap.closed
+                if snap is not None and fresh and s.place > snap.admitted_place:
                     position = s.position - (snap.admitted - s.admitted)
                     # Tickets ahead may have left (expired), and before the start a joiner's
                     # random place may be ahead: a tenth off at most, or read again.
                     moved = snap.expired - s.expired + (snap.joined - s.joined if now < snap.starts_ms else 0)
-                    if moved <= max(SLACK, position // 10):
+                    if moved <= max(1, position // 10):
                         known.seen_ms = now
                         self._seen.setdefault(sale_id, {})[ticket] = now
                         metrics.polled("memory")
                         position = max(1, min(s.position, position))
                         here = dataclasses.replace(s, position=position, rate=snap.rate, starts_ms=snap.starts_ms)
                         return self.room.answer(sale_id, ticket, here, now)
-        standing = await self.room.read(sale_id, ticket, user_id)
+        try:
+            standing = await self.room.read(sale_id, ticket, user_id)
+        except ApiError:
+            self._known.pop((sale_id, ticket), None)  # gone (a sale loaded again has an empty room)
+            raise
         metrics.polled("redis")
         self._known[(sale_id, ticket)] = Known(standing, now, now)
         return self.room.answer(sale_id, ticket, standing, now)
@@ -119,13 +128,14 @@ class Polls:
             fields = ["closed", "admitted_place", "admitted", "expired", "joined", "admit_per_s"]
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(self.keys.queue_state(sale_id), fields)
-            pipe.hget(self.keys.sale(sale_id), "starts_ms")  # a window change shows in the wait too
-            values, starts = cast(tuple[list[str | None], str | None], tuple(await pipe.execute()))
+            pipe.hmget(self.keys.sale(sale_id), ["starts_ms", "created_ms"])  # a window change; a reload
+            values, (starts, made) = cast(tuple[list[str | None], list[str | None]], tuple(await pipe.execute()))
             closed, place, admitted, expired, joined, rate = values
             snap = None
             if rate is not None:
                 counts = (int(admitted or 0), int(expired or 0), int(joined or 0))
-                snap = Snapshot(started, closed is not None, float(place or -1), *counts, int(rate), int(starts or 0))
+                window = (int(starts or 0), int(made or 0))
+                snap = Snapshot(started, closed is not None, float(place or -1), *counts, int(rate), *window)
                 self._rooms[sale_id] = snap
             future.set_result(snap)
             return snap

@@ -29,8 +29,9 @@ Each call is atomic and moves the counters as reserve and settle do, so recover 
 the sale takes traffic, and running it twice changes nothing the second time. Each client's
 units (client budgets) are counted again too, for a sharded item as a charge in the slot that
 counts the client (``lua/budget_restore.lua``). What it cannot restore: the attempts and
-rejection counters and the per-user and per-ip rate windows (Postgres never had them). If units lost in Redis were sold again before recover ran (a lost hold's unit looked
-available), the item ends with ``available`` below zero: that many units were promised twice.
+rejection counters and the per-user and per-ip rate windows (Postgres never had them). If
+units lost in Redis were sold again before recover ran (a lost hold's unit looked available),
+the item ends with ``available`` below zero: that many units were promised twice.
 Recover says so, and nothing more is sold until ops restock or cancel.
 """
 
@@ -291,6 +292,8 @@ async def _put_back(scripts: Scripts, keys: Keys, sale_id: str, rows: list[async
                     r["client_ip"] or "",
                     r["client_device"] or "",
                     "1" if counted(r) else "",
+                    r["extensions"],
+                    r["extended_s"],
                 ],
             )
         )

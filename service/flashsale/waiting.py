@@ -87,6 +87,7 @@ class Standing:
     admitted: int  # the room's admitted count then
     expired: int  # the room's expired count then
     joined: int  # the room's joined count then
+    generation: int  # the sale's created_ms: a sale loaded again (flashsale recover) has a new one
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Room:
         if result[0] == "err":
             raise ApiError("not_found", "no such ticket for this user")
         status, position, admitted_ms, reason, room, place = cast(list[Any], result)
-        rate, abandon, ttl, starts, _, admitted, expired, joined = (int(v) for v in room)
+        rate, abandon, ttl, starts, _, admitted, expired, joined, generation = (int(v) for v in room)
         return Standing(
             user_id=user_id,
             status=status,
@@ -156,6 +157,7 @@ class Room:
             admitted=admitted,
             expired=expired,
             joined=joined,
+            generation=generation,
         )
 
     def answer(self, sale_id: str, ticket: str, s: Standing, now: int) -> Ticket:
