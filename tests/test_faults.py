@@ -27,7 +27,7 @@ from .conftest import STORE, create_sale, drained, serving
 # worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
 pytestmark = pytest.mark.xdist_group("heavy")
 
-N = 1500
+N = 800
 
 
 async def crowd(c: httpx.AsyncClient, sale_id: str, n: int, offset: int = 0) -> list[str]:
