@@ -292,7 +292,7 @@ async def test_a_persister_killed_mid_batch_on_a_cluster_loses_nothing_and_doubl
     on_cluster: Settings, cluster_redis: Any, cluster_client: httpx.AsyncClient, pg: asyncpg.Connection
 ) -> None:
     keys = Keys(on_cluster.key_prefix)
-    n = 600
+    n = 250
     sales = [(await create_sale(cluster_client, items=[item(stock=n)]))["id"] for _ in range(3)]
     rids = {s: await crowd(cluster_client, s, n) for s in sales}
     await slow_inserts(pg)

@@ -27,7 +27,7 @@ from .conftest import STORE, create_sale, drained, serving
 # worker (make test uses --dist loadgroup), never two at once on this 2-core machine.
 pytestmark = pytest.mark.xdist_group("heavy")
 
-N = 800
+N = 600
 
 
 async def crowd(c: httpx.AsyncClient, sale_id: str, n: int, offset: int = 0) -> list[str]:

@@ -104,7 +104,7 @@ async def run_scenario(
 
 @pytest.mark.timeout(200)
 async def test_flash_crowd_keeps_every_invariant(settings: Settings, redis: Redis, tmp_path: Path) -> None:
-    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 200, "8s")
+    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 150, "6s")
     assert lines[-1] == "PASS", "\n".join(lines[-60:])
     assert code == 0
     assert (verdict["oversold"], verdict["lost"], verdict["duplicates"]) == (0, 0, 0)
@@ -115,7 +115,7 @@ async def test_flash_crowd_keeps_every_invariant(settings: Settings, redis: Redi
 async def test_flash_crowd_in_two_locust_processes_is_judged_on_the_records_of_both(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:
-    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 150, "6s", processes=2)
+    code, lines, verdict = await run_scenario(settings, tmp_path, "flash_crowd", 100, "5s", processes=2)
     assert lines[-1] == "PASS", "\n".join(lines[-60:])
     assert code == 0
     parts = [Part.load(p) for p in tmp_path.glob("flash_crowd-*.records.[0-9]*.json")]
@@ -130,7 +130,7 @@ async def test_flash_crowd_in_two_locust_processes_is_judged_on_the_records_of_b
 async def test_retry_storm_never_makes_two_reservations_for_one_key(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:
-    code, lines, verdict = await run_scenario(settings, tmp_path, "retry_storm", 200, "8s")
+    code, lines, verdict = await run_scenario(settings, tmp_path, "retry_storm", 150, "6s")
     assert lines[-1] == "PASS", "\n".join(lines[-60:])
     assert code == 0
     assert (verdict["oversold"], verdict["lost"], verdict["duplicates"]) == (0, 0, 0)

@@ -54,7 +54,7 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
                 "--exclude-checks",
                 "positive_data_acceptance",
                 "--max-examples",
-                "10",
+                "6",
                 "--seed",
                 "1",
                 "--report-dir",
