@@ -130,8 +130,10 @@ def judge(rec: Records, rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, An
     opens = round(datetime.fromisoformat(rec.sale["starts_at"]).timestamp() * 1000)
     breaches: list[str] = []
     admitted = [t for t in rec.tickets if t.get("admitted_ms") is not None]
-    early = [t for t in admitted if t["early"]]
-    late = [t for t in admitted if not t["early"]]
+    # Before the start for sure: answered before it. After it for sure: sent after it. A join sent
+    # just before the start and answered after it may have been placed either way: left out.
+    early = [t for t in admitted if t["joined_ms"] < opens]
+    late = [t for t in admitted if t["sent_ms"] >= opens]
     summary: dict[str, Any] = {
         "tickets followed": len(rec.tickets),
         "left without polling": sum(1 for t in rec.tickets if t["final"] == "left"),

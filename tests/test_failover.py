@@ -82,7 +82,7 @@ async def test_a_master_killed_mid_sale_answers_503_until_its_replica_takes_over
                     return
                 if r.status_code == 503:
                     refused[n] += 1
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.01)
 
         def resumed(seen: list[tuple[float, int, str | None, str]], since: float) -> bool:
             """Answers stopped, then came back: 20 holds made after the first 503 that followed the kill."""
