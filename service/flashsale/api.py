@@ -33,7 +33,7 @@ from .shards import Mover, Routes
 from .tally import Tally
 from .verdicts import Verdicts
 from .waiting import Room, Tokens
-from .web import Services, authorize, body, json, limit, services, slug, user_id
+from .web import Services, authorize, body, json, limit, services, slug, user_id, valid_idempotency_key
 
 log = logging.getLogger("flashsale.api")
 
@@ -77,11 +77,7 @@ async def extend(request: Request) -> Response:
 async def create_cart(request: Request) -> Response:
     svc = authorize(request, "storefront")
     sale_id = slug(request, "sale_id")
-    key = request.headers.get("idempotency-key")
-    if key is not None and not hot.IDEMPOTENCY_KEY.match(key):
-        raise ApiError(
-            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
-        )
+    key = valid_idempotency_key(request.headers.get("idempotency-key"))
     ask = await body(request, CartIn)
     client = clients.keys_of(ask.client)
     cart, created = await svc.carts.create(sale_id, ask, key, request.headers.get("admission-token"), client)

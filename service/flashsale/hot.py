@@ -10,7 +10,6 @@ straight, past the router and the exception middleware.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -21,9 +20,8 @@ from . import clients, connection, metrics
 from .errors import ApiError, store_unavailable
 from .schemas import QueueIn, ReserveIn, encoder
 from .waiting import TICKET
-from .web import Disconnected, Services, decode, read, valid_slug, valid_user_id
+from .web import Disconnected, Services, decode, read, valid_idempotency_key, valid_slug, valid_user_id
 
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
 JSON = (b"content-type", b"application/json")
 
 Headers = list[tuple[bytes, bytes]]
@@ -71,10 +69,7 @@ async def reserve(scope: Scope, receive: Receive) -> Answer:
     )
     svc.keyring.require(authorization, "storefront")
     sale_id = valid_slug(scope["path_params"]["sale_id"], "sale_id")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
-        raise ApiError(
-            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
-        )
+    valid_idempotency_key(key)
     ask = decode(await read(receive, length or ""), ReserveIn)
     client = clients.keys_of(ask.client)
     outcome = await svc.reservations.reserve(sale_id, ask.user_id, ask.sku, ask.quantity, key, token, client)

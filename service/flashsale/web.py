@@ -136,6 +136,18 @@ def user_id(request: Request) -> str:
     return valid_user_id(request.query_params.get("user_id", ""))
 
 
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}(?!\n)$")
+
+
+def valid_idempotency_key(value: str | None) -> str | None:
+    """The Idempotency-Key header's value (None: not sent); 422 unless 1-128 printable ASCII."""
+    if value is not None and not IDEMPOTENCY_KEY.match(value):
+        raise ApiError(
+            "invalid_request", "Idempotency-Key must be 1-128 printable ASCII characters", fields=["Idempotency-Key"]
+        )
+    return value
+
+
 def valid_user_id(value: str) -> str:
     """The ``user_id`` query parameter's value; 422 if it is missing or no user id."""
     if not USER_ID.match(value):
