@@ -73,7 +73,7 @@ class Records:
     expectations: list[str] = field(default_factory=list)  # what the scenario must show, unmet ones
     notes: list[str] = field(default_factory=list)
     # A waiting room's side (loadtest/queue_verdict.py): one dict per ticket a client followed
-    # (user, early, sent_ms, joined_ms, admitted_ms, last_waiting_ms, final, reason), and the
+    # (user, sent_ms, joined_ms, admitted_ms, last_waiting_ms, final, reason), and the
     # sale's /progress read twice a second (at_ms, waiting, admitted, expired, available, held, closed).
     tickets: list[dict[str, Any]] = field(default_factory=list)
     queue_samples: list[dict[str, Any]] = field(default_factory=list)

@@ -290,8 +290,9 @@ def queue_records(tickets: list[dict[str, Any]], samples: list[dict[str, Any]] |
     return rec
 
 
-def ticket(n: int, early: bool, sent: int, admitted: int | None) -> dict[str, Any]:
-    return {"user": f"u{n}", "early": early, "sent_ms": sent, "joined_ms": sent + 5, "admitted_ms": admitted} | {
+def ticket(n: int, sent: int, admitted: int | None) -> dict[str, Any]:
+    """A ticket whose join was sent at ``sent`` and answered 5 ms later (before or after OPENS)."""
+    return {"user": f"u{n}", "sent_ms": sent, "joined_ms": sent + 5, "admitted_ms": admitted} | {
         "final": "waiting" if admitted is None else "admitted",
         "last_waiting_ms": None,
         "reason": None,
@@ -302,17 +303,17 @@ OPENS = 1_767_225_600_000  # the unit sale's starts_at, ms
 
 
 def test_pre_start_joiners_admitted_in_their_join_order_fail_the_shuffle_check() -> None:
-    in_order = [ticket(n, True, OPENS - 5000 + n * 10, OPENS + n * 100) for n in range(120)]
+    in_order = [ticket(n, OPENS - 5000 + n * 10, OPENS + n * 100) for n in range(120)]
     _, breaches = queue_verdict.judge(queue_records(in_order), [])
     assert any("join order" in b for b in breaches)
-    shuffled = [ticket(n, True, OPENS - 5000 + n * 10, OPENS + ((n * 7) % 120) * 100) for n in range(120)]
+    shuffled = [ticket(n, OPENS - 5000 + n * 10, OPENS + ((n * 7) % 120) * 100) for n in range(120)]
     summary, breaches = queue_verdict.judge(queue_records(shuffled), [])
     assert not any("join order" in b for b in breaches), summary
 
 
 def test_later_joiners_admitted_out_of_their_order_fail_the_fifo_check() -> None:
-    early = [ticket(n, True, OPENS - 5000 + n * 10, OPENS + ((n * 7) % 120) * 100) for n in range(120)]
-    late = [ticket(100, False, OPENS + 100, OPENS + 9000), ticket(101, False, OPENS + 200, OPENS + 8000)]
+    early = [ticket(n, OPENS - 5000 + n * 10, OPENS + ((n * 7) % 120) * 100) for n in range(120)]
+    late = [ticket(100, OPENS + 100, OPENS + 9000), ticket(101, OPENS + 200, OPENS + 8000)]
     _, breaches = queue_verdict.judge(queue_records(early + late), [])
     assert any("out of their order" in b for b in breaches)
 
@@ -335,11 +336,11 @@ def test_an_admission_while_every_unit_is_held_fails_the_pause_check() -> None:
         {"user_id": "u2", "quantity": 1, "status": "released", "created_at": at(OPENS + 10), "confirmed_at": None}
         | {"released_at": at(OPENS + 3000), "expired_at": None},
     ]
-    shuffled = [ticket(n, True, OPENS - 5000 + n * 10, OPENS - 1000 + ((n * 7) % 120) * 10) for n in range(120)]
-    before = [ticket(n, False, OPENS - 100, OPENS - 20 + n) for n in (1, 2)]  # admitted, then they held
+    shuffled = [ticket(n, OPENS - 5000 + n * 10, OPENS - 1000 + ((n * 7) % 120) * 10) for n in range(120)]
+    before = [ticket(n, OPENS - 100, OPENS - 20 + n) for n in (1, 2)]  # admitted, then they held
     _, breaches = queue_verdict.judge(queue_records([*shuffled, *before]), rows)
     assert not any("held for 0.5 s" in b for b in breaches), breaches
-    inside = ticket(99, False, OPENS + 600, OPENS + 2000)  # both units out since OPENS + 10
+    inside = ticket(99, OPENS + 600, OPENS + 2000)  # both units out since OPENS + 10
     _, breaches = queue_verdict.judge(queue_records([*shuffled, *before, inside]), rows)
     assert any("held for 0.5 s" in b for b in breaches)
 

@@ -115,6 +115,15 @@ def now_ms() -> int:
     return round(time.time() * 1000)
 
 
+def joined_ticket(shopper: Shopper, sent_ms: int, final: str) -> dict[str, Any]:
+    """The record of a ticket joined now (its join sent at ``sent_ms``), kept for the verdict,
+    which tells pre-start joins from later ones by these two times."""
+    t: dict[str, Any] = {"user": shopper.user_id, "sent_ms": sent_ms, "joined_ms": now_ms(), "admitted_ms": None}
+    t |= {"last_waiting_ms": None, "final": final, "reason": None}
+    shopper.records.tickets.append(t)
+    return t
+
+
 class Waiter(Shopper):
     """Joins, keeps its place by polling, and buys once admitted."""
 
@@ -127,14 +136,11 @@ class Waiter(Shopper):
             self.idle()
             return
         self.done = True
-        starts = datetime.fromisoformat(self.sale["starts_at"]).timestamp() * 1000
         sent = now_ms()
         joined = self.join()
         if not joined.ok or joined.body is None:
             return
-        t: dict[str, Any] = {"user": self.user_id, "early": sent < starts, "sent_ms": sent, "joined_ms": now_ms()}
-        t |= {"admitted_ms": None, "last_waiting_ms": None, "final": "waiting", "reason": None}
-        self.records.tickets.append(t)
+        t = joined_ticket(self, sent, "waiting")
         ticket = joined.body
         while ticket["status"] == "waiting":
             t["last_waiting_ms"] = now_ms()
@@ -180,12 +186,8 @@ class Leaver(Shopper):
             return
         self.done = True
         sent = now_ms()
-        starts = datetime.fromisoformat(self.sale["starts_at"]).timestamp() * 1000
         if self.join().ok:
-            self.records.tickets.append(
-                {"user": self.user_id, "early": sent < starts, "sent_ms": sent, "joined_ms": now_ms()}
-                | {"admitted_ms": None, "last_waiting_ms": None, "final": "left", "reason": None}
-            )
+            joined_ticket(self, sent, "left")
 
 
 class Sneak(Shopper):
