@@ -43,6 +43,13 @@ RESERVE_TRIES = 8  # an admitted shopper told sold_out while every unit is held 
 STOLEN: list[str] = []  # tokens admitted users were given, for the sneaks to try as theirs
 
 
+def stock_for(users: int) -> int:
+    """Two units for every five users: about as many as the pre-start waiters (two thirds of the
+    crowd wait, 60% of them before the start), who confirm three in four, so a quarter of the stock
+    is surely left for the later joiners, who are enough to sell it out."""
+    return max(20, users * 2 // 5)
+
+
 def make_sale(users: int, seconds: float) -> dict[str, Any]:
     return {
         "id": new_sale_id("waiting-room"),
@@ -55,7 +62,7 @@ def make_sale(users: int, seconds: float) -> dict[str, Any]:
             "admission_ttl_s": TOKEN_TTL_S,
         },
         "items": [
-            {"sku": SKU, "name": "Console", "price_cents": 49900, "stock": max(20, users // 3), "per_user_limit": 1}
+            {"sku": SKU, "name": "Console", "price_cents": 49900, "stock": stock_for(users), "per_user_limit": 1}
         ],
     }
 
