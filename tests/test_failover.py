@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -13,14 +14,17 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import RedisCluster
 
-from flashsale import connection
+from flashsale import connection, db
 from flashsale.embedded import EmbeddedCluster
 from flashsale.keys import Keys
+from flashsale.monitor import Monitor
 from flashsale.reconcile import reconcile
 from flashsale.recover import recover
 from flashsale.scripts import Scripts
 from flashsale.settings import Settings
+from flashsale.tally import Tally
 
 from .conftest import OPS, STORE, create_sale, drained, persisting, serving
 
@@ -28,6 +32,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("cluster")]
 
 STOCK = 100_000
 CALLERS = 16
+READS = 15
 
 
 @pytest.fixture
@@ -169,3 +174,67 @@ async def from_memory(c: httpx.AsyncClient) -> float:
         for line in text.splitlines()
         if line.startswith("flashsale_refusals_from_memory_total{")
     )
+
+
+# redis-py's slot refresh drops the ClusterNode objects it replaced without closing their
+# connections; this test refreshes hundreds of times, and collects them before it ends.
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <function ClusterNode.__del__")
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <function AbstractConnection.__del__")
+async def test_progress_and_its_counts_still_read_after_the_cluster_client_lost_a_master(settings: Settings) -> None:
+    """A connection to one master lost makes the cluster client refresh its slots on its next call:
+    the reads of a sale on another master (progress, the waiting room's counts, the tally) still
+    answer, and go on answering. (redis-py runs a command queued in a cluster MULTI on an event loop
+    of its own, where that refresh leaves the client broken for good: none is used.)"""
+    lost = EmbeddedCluster(masters=3, node_timeout_ms=60_000).start()  # never marked failed: no CLUSTERDOWN
+    try:
+        await read_progress_while_a_master_is_lost(dataclasses.replace(settings, redis_url=lost.url), lost)
+    finally:
+        lost.stop()
+        gc.collect()
+
+
+async def read_progress_while_a_master_is_lost(on_cluster: Settings, lost: EmbeddedCluster) -> None:
+    keys = Keys(on_cluster.key_prefix)
+    async with serving(on_cluster) as url, httpx.AsyncClient(base_url=url, headers=STORE, timeout=30) as c:
+        room = {"admit_per_s": 5, "abandon_after_s": 30, "admission_ttl_s": 60}
+        sale = (await create_sale(c, waiting_room=room))["id"]
+    client = await connection.connect(lost.url)
+    assert isinstance(client, RedisCluster)
+    scripts = Scripts.load(client, on_cluster.lua_dir)
+    pool = await db.create_pool(on_cluster.database_url, 1)
+    tally = Tally(keys, scripts)
+    watching = Monitor(client, pool, keys, scripts, tally)
+
+    def port(key: str) -> int:
+        node = client.get_node_from_key(key)
+        assert node is not None
+        return int(node.port)
+
+    used = {port(keys.sale(sale)), port(keys.workers)}  # the masters progress reads from
+    other = next(n for n in lost.nodes if n.port not in used)
+    elsewhere = next(k for i in range(1000) if port(k := f"x{i}") == other.port)
+    assert other.process is not None
+    other.process.kill()
+    other.process.wait()
+    done = asyncio.Event()
+
+    async def knock() -> None:
+        """Calls to the lost master: each fails, and the next call of the client refreshes its slots."""
+        while not done.is_set():
+            with pytest.raises(connection.ERRORS):
+                await client.get(elsewhere)
+
+    knocking = asyncio.create_task(knock())
+    try:
+        for _ in range(READS):
+            tally.refused(sale, "phone", "sold_out")
+            doc = await watching.progress(sale)
+            assert doc.items[0].stock_total == 10 and doc.queue is not None and doc.queue.waiting == 0
+        assert doc.items[0].attempts == READS and doc.items[0].rejected == {"sold_out": READS}
+    finally:
+        done.set()
+        await knocking
+        await watching.close()
+        await pool.close()
+        await scripts.calls.close()
+        await client.aclose()

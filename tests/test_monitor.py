@@ -18,6 +18,7 @@ from flashsale import db
 from flashsale.keys import WORKER_TTL_MS, Keys
 from flashsale.monitor import Monitor
 from flashsale.persister import Persister
+from flashsale.scripts import Scripts
 from flashsale.settings import Settings
 
 from .conftest import OPS, STORE, create_sale, drained
@@ -247,9 +248,9 @@ async def test_ops_endpoints_refuse_a_request_without_a_key_with_401(client: htt
 
 
 @pytest.fixture
-async def monitor(settings: Settings, redis: Redis, keys: Keys) -> AsyncIterator[Monitor]:
+async def monitor(settings: Settings, redis: Redis, keys: Keys, scripts: Scripts) -> AsyncIterator[Monitor]:
     pool = await db.create_pool(settings.database_url, 2)
-    m = Monitor(redis, pool, keys)
+    m = Monitor(redis, pool, keys, scripts)
     yield m
     await m.close()
     await pool.close()
@@ -293,12 +294,12 @@ async def test_a_stream_that_joins_late_gets_the_newest_document_at_once(
 
 
 async def test_progress_reports_null_persisted_when_postgres_does_not_answer(
-    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, settings: Settings, scripts: Scripts
 ) -> None:
     sale = (await create_sale(client))["id"]
     pool = await db.create_pool(settings.database_url, 1)
     await pool.close()  # a pool that cannot give a connection, like a Postgres that is down
-    doc = await Monitor(redis, pool, keys).progress(sale)
+    doc = await Monitor(redis, pool, keys, scripts).progress(sale)
     assert doc.persisted is None and doc.items[0].stock_total == 10
 
 

@@ -192,7 +192,7 @@ def create_app(settings: Settings) -> Starlette:
         keys = Keys(settings.key_prefix)
         scripts = Scripts.load(redis, settings.lua_dir, Coalescer(redis))
         verdicts = Verdicts(settings.verdict_ttl_ms / 1000)
-        tally = Tally(redis, keys)
+        tally = Tally(keys, scripts)
         tokens = Tokens(settings.signing_secret)
         sales = Sales(redis, keys, scripts)
         room = Room(redis, keys, scripts, tokens)
@@ -221,7 +221,7 @@ def create_app(settings: Settings) -> Starlette:
             carts=Carts(redis, keys, scripts, settings, routes, tokens),
         )
         app.state.openapi = openapi.document()
-        app.state.monitor = monitor.Monitor(redis, pool, keys, tally)
+        app.state.monitor = monitor.Monitor(redis, pool, keys, scripts, tally)
         stop = asyncio.Event()
         background = [
             asyncio.create_task(sweeper.run(redis, keys, scripts, settings, stop), name="sweeper"),

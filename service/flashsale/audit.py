@@ -105,8 +105,10 @@ class Auditor:
         return found
 
     async def _counters(self, doc: SaleDoc) -> list[list[str | None]]:
-        """The items' counters in the sale's slot (one MULTI), then those of its extra slots."""
-        pipe = self.redis.pipeline(transaction=True)
+        """The items' counters in the sale's slot, then those of its extra slots (one HMGET each:
+        every check is within one item, so no MULTI is needed, and redis-py's cluster MULTI runs
+        each queued command on an event loop of its own, which breaks the client after a failover)."""
+        pipe = self.redis.pipeline(transaction=False)
         for item in doc.items:
             pipe.hmget(self.keys.item(doc.id, item.sku), *FIELDS)
         own = list(await pipe.execute())

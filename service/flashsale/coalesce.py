@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -75,10 +76,10 @@ class Coalescer:
         # Only the calls Redis did not run wait for the reload: the others have their answers, and a
         # reload that fails must not turn a hold that was made into an error.
         try:
-            for sha in {args[1] for args, _ in again}:
+            for sha, key in {(args[1], _first_key(args)) for args, _ in again}:
                 if sha not in self.sources:
                     raise NoScriptError(f"no source for script {sha!r}")
-                await self.redis.script_load(self.sources[sha])
+                await self._load(self.sources[sha], key)
             replies = await self._pipeline([args for args, _ in again])
         except BaseException as exc:
             _fail(again, exc)
@@ -86,6 +87,14 @@ class Coalescer:
                 raise
             return
         _deliver([(f, r) for (_, f), r in zip(again, replies, strict=True)])
+
+    async def _load(self, source: str, key: str | None) -> None:
+        """SCRIPT LOAD where the call goes: on a cluster, only the master of its first key, so
+        that a master down elsewhere does not fail the load (redis-py would send it to all)."""
+        if isinstance(self.redis, RedisCluster) and key is not None:
+            await self.redis.execute_command("SCRIPT LOAD", source, target_nodes=self.redis.get_node_from_key(key))
+        else:
+            await self.redis.script_load(source)
 
     async def _pipeline(self, commands: Sequence[Args]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
@@ -109,6 +118,11 @@ class Coalescer:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+
+
+def _first_key(args: Args) -> str | None:
+    """The first key of an EVALSHA call (sha, number of keys, keys..., args...), if it has one."""
+    return str(args[3]) if int(args[2]) > 0 else None
 
 
 def _deliver(answers: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:

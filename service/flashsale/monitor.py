@@ -1,7 +1,7 @@
 """Ops endpoints that watch sales: progress, its live stream, the dashboard and /metrics.
 
-A progress document is a few Redis reads (one MULTI for the sale and its item hashes, the
-queue backlog), one COUNT in Postgres and a cached count of persister heartbeats. Rates come
+A progress document is a few Redis reads (one script reading the sale and its item hashes
+atomically, the queue backlog), one COUNT in Postgres and a cached count of persister heartbeats. Rates come
 from a ring per sale of the counters as they were about once a second, kept in this process;
 the counters live in Redis, so every API process computes the same rates.
 
@@ -53,6 +53,7 @@ from .schemas import (
     SaleStatus,
     encoder,
 )
+from .scripts import Scripts
 from .tally import Tally
 from .web import authorize, slug
 
@@ -150,8 +151,10 @@ class Watch:
 
 
 class Monitor:
-    def __init__(self, redis: Client, pool: asyncpg.Pool, keys: Keys, tally: Tally | None = None) -> None:
-        self.redis, self.pool, self.keys = redis, pool, keys
+    def __init__(
+        self, redis: Client, pool: asyncpg.Pool, keys: Keys, scripts: Scripts, tally: Tally | None = None
+    ) -> None:
+        self.redis, self.pool, self.keys, self.scripts = redis, pool, keys, scripts
         self.tally = tally  # this process's answers from memory, added to the counters before a read
         self.computed = 0  # progress documents computed by this process
         self._rings: dict[str, deque[Counters]] = {}
@@ -168,7 +171,7 @@ class Monitor:
             backlog(self.redis, self.keys, sale_id, slots),
             self._persisted(sale_id),
             self.workers_alive(),
-            waiting.stats(self.redis, self.keys, sale_id),
+            waiting.stats(self.scripts, self.keys, sale_id),
         )
         rejected: dict[str, int] = {}
         for i in items:
@@ -205,26 +208,21 @@ class Monitor:
         )
 
     async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str], list[str]]:
-        """The sale and all its items in one MULTI, so the numbers agree with each other. The
-        items to read come from the document read just before: if an update changed it in
-        between, read again."""
+        """The sale and all its items in one atomic read (``lua/progress_read.lua``), so the
+        numbers agree with each other. The items to read come from the document read just
+        before: if an update changed it in between, read again."""
         k = self.keys
         for _ in range(SNAPSHOT_TRIES):
             raw = cast(str | None, await self.redis.hget(k.sale(sale_id), "doc"))
             if raw is None:
                 raise ApiError("not_found", f"no sale {sale_id!r}")
             doc = msgspec.json.decode(raw, type=SaleDoc)
-            # Redis's clock just before the reads: TIME names no key, so on a cluster it cannot
-            # share the sale's MULTI (a round trip early: nothing next to a rate over seconds).
-            seconds, micros = await self.redis.time()
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hmget(k.sale(sale_id), "state", "starts_ms", "ends_ms", "doc", "audit")
-            for item in doc.items:
-                pipe.hgetall(k.item(sale_id, item.sku))
-            (state, starts, ends, current, audited), *hashes = await pipe.execute()
+            now, (state, starts, ends, current, audited), *flat = await self.scripts.progress_read(
+                keys=[k.sale(sale_id), *(k.item(sale_id, i.sku) for i in doc.items)], args=[]
+            )
             if current != raw:
                 continue
-            now = int(seconds) * 1000 + int(micros) // 1000
+            hashes = [dict(zip(f[::2], f[1::2], strict=True)) for f in flat]
             whole = await shards.whole_items(
                 self.redis, k, doc, {i.sku: h for i, h in zip(doc.items, hashes, strict=True)}
             )

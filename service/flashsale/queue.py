@@ -37,7 +37,10 @@ async def backlog(redis: Client, keys: Keys, sale_id: str, extra: Sequence[str] 
 async def _stream(redis: Client, stream: str) -> tuple[int, list[int]]:
     """Events of one stream not yet in Postgres, and the time of the oldest (none: []). A stream
     that is not there (an extra slot its master lost) has none."""
-    pipe = redis.pipeline(transaction=True)
+    # No MULTI (redis-py's cluster MULTI runs each queued command on an event loop of its own,
+    # which breaks the client after a failover), and none needed: the group is read before the
+    # pending list, so an entry delivered in between is counted twice, never none.
+    pipe = redis.pipeline(transaction=False)
     pipe.exists(stream)
     pipe.xinfo_groups(stream)
     pipe.xpending(stream, GROUP)

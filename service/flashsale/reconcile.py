@@ -42,7 +42,7 @@ async def reconcile(redis: Client, conn: asyncpg.Connection | PoolConnectionProx
         return report
     doc = msgspec.json.decode(raw, type=SaleDoc)
     skus = [i.sku for i in doc.items]
-    pipe = redis.pipeline(transaction=True)
+    pipe = redis.pipeline(transaction=False)  # one HGETALL each: every comparison is within one item
     for sku in skus:
         pipe.hgetall(keys.item(sale_id, sku))
     whole = await shards.whole_items(redis, keys, doc, dict(zip(skus, await pipe.execute(), strict=True)))

@@ -42,6 +42,9 @@ NAMES = (
     "cart",
     "cart_settle",
     "budget_restore",
+    "progress_read",
+    "tally_add",
+    "queue_stats",
 )
 
 
@@ -83,6 +86,9 @@ class Scripts:
     cart: Script
     cart_settle: Script
     budget_restore: Script
+    progress_read: Script
+    tally_add: Script
+    queue_stats: Script
 
     @classmethod
     def load(cls, redis: Client, lua_dir: Path, calls: Coalescer | None = None) -> Scripts:

@@ -1,8 +1,8 @@
 """Attempts answered from memory, added to the same Redis counters the reserve script keeps
 (``attempts`` and ``rej:<code>`` in the item hash), so progress counts every attempt (contract
 invariant 8). Flushed every ``interval_s`` and at shutdown; counts a failed flush could not
-write are kept for the next one. One MULTI for all of them; on a cluster, where two sales'
-keys need not share a slot, one MULTI per sale, sent together.
+write are kept for the next one. One script call per sale (``lua/tally_add.lua``: a sale's keys
+share a slot, two sales' need not), sent together.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import contextlib
 import logging
 from collections import Counter
 
-from redis.asyncio import RedisCluster
-
 from . import connection
-from .connection import Client
 from .keys import Keys
+from .scripts import Scripts
 
 log = logging.getLogger("flashsale.tally")
 
 
 class Tally:
-    def __init__(self, redis: Client, keys: Keys) -> None:
-        self.redis, self.keys = redis, keys
+    def __init__(self, keys: Keys, scripts: Scripts) -> None:
+        self.keys, self.scripts = keys, scripts
         self._counts: Counter[tuple[str, str, str]] = Counter()  # (sale, sku, code) -> refusals
 
     def refused(self, sale_id: str, sku: str, code: str) -> None:
@@ -33,31 +31,24 @@ class Tally:
         counts, self._counts = self._counts, Counter()
         if not counts:
             return
-        if not isinstance(self.redis, RedisCluster):
-            await self._flush_counts(counts)  # one MULTI for all: one server, one round trip
-            return
         by_sale: dict[str, Counter[tuple[str, str, str]]] = {}
         for (sale_id, sku, code), n in counts.items():
             by_sale.setdefault(sale_id, Counter())[(sale_id, sku, code)] = n
         await asyncio.gather(*(self._flush_counts(c) for c in by_sale.values()))
 
     async def _flush_counts(self, counts: Counter[tuple[str, str, str]]) -> None:
-        pipe = self.redis.pipeline(transaction=True)  # all of them or none
-        for (sale_id, sku, code), n in counts.items():
-            item = self.keys.item(sale_id, sku)
-            pipe.hincrby(item, "attempts", n)
-            pipe.hincrby(item, f"rej:{code}", n)
+        keys = [self.keys.item(sale_id, sku) for sale_id, sku, _ in counts]
+        args = [x for (_, _, code), n in counts.items() for x in (code, n)]
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            refused = int(await self.scripts.tally_add(keys=keys, args=args))  # all of them or none
         except connection.ERRORS as exc:
-            # Kept for the next flush. Only if the connection died after Redis ran the EXEC but
+            # Kept for the next flush. Only if the connection died after Redis ran the script but
             # before its reply came back are they counted twice: the lesser wrong, and rare.
             log.warning("could not add %d answers from memory to progress, retrying: %r", counts.total(), exc)
             self._counts.update(counts)
             return
-        refused = [r for r in replies if isinstance(r, Exception)]
         if refused:  # a counter Redis will not add to (not a number): retrying cannot help
-            log.error("progress counters refused %d increments, dropped: %r", len(refused), refused[0])
+            log.error("progress counters refused %d increments, dropped", refused)
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():

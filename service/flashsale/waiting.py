@@ -177,7 +177,7 @@ class Room:
         return out
 
     async def stats(self, sale_id: str) -> QueueProgress | None:
-        return await stats(self.redis, self.keys, sale_id)
+        return await stats(self.scripts, self.keys, sale_id)
 
     async def set_rate(self, sale_id: str, admit_per_s: int) -> QueueProgress:
         await self._control(sale_id, "rate", admit_per_s)
@@ -254,12 +254,9 @@ class Room:
         return [s for s, there in zip(sale_ids, await pipe.execute(), strict=True) if there]
 
 
-async def stats(redis: Client, keys: Keys, sale_id: str) -> QueueProgress | None:
-    """A room's counts now, or None for a sale without one (one MULTI: they agree)."""
-    pipe = redis.pipeline(transaction=True)
-    pipe.hmget(keys.queue_state(sale_id), list(STATS))
-    pipe.zcard(keys.queue(sale_id))
-    values, waiting = await pipe.execute()
+async def stats(scripts: Scripts, keys: Keys, sale_id: str) -> QueueProgress | None:
+    """A room's counts now, or None for a sale without one (one atomic read: they agree)."""
+    *values, waiting = await scripts.queue_stats(keys=[keys.queue_state(sale_id), keys.queue(sale_id)], args=STATS)
     if values[0] is None:
         return None
     n = dict(zip(STATS, values, strict=True))
