@@ -14,6 +14,7 @@ sold-out and nobody told "waiting" after it, and no reservation without a valid 
 
 from __future__ import annotations
 
+import itertools
 import random
 import secrets
 import sys
@@ -44,10 +45,16 @@ STOLEN: list[str] = []  # tokens admitted users were given, for the sneaks to tr
 
 
 def stock_for(users: int) -> int:
-    """Two units for every five users: about as many as the pre-start waiters (two thirds of the
-    crowd wait, 60% of them before the start), who confirm three in four, so a quarter of the stock
-    is surely left for the later joiners, who are enough to sell it out."""
-    return max(20, users * 2 // 5)
+    """Seven units for every twenty users. Two thirds of the crowd wait, 60% of them before the
+    start: 0.4 of the crowd, who confirm exactly three in four (OUTCOMES), so they keep at most 0.3
+    and leave the later joiners 0.05 of it (15 units for 300 users), and those, 0.27 of the crowd,
+    are enough to hold every unit (admission pauses) and then to sell it out."""
+    return max(20, users * 7 // 20)
+
+
+# What an admitted shopper does with its hold, in exact shares (a random draw per shopper moves
+# the units the pre-start joiners keep by several, and with them whether later joiners get in).
+OUTCOMES = itertools.cycle(random.sample(["confirm"] * 15 + ["cancel"] * 3 + ["walk away"] * 2, 20))
 
 
 def make_sale(users: int, seconds: float) -> dict[str, Any]:
@@ -172,12 +179,9 @@ class Waiter(Shopper):
         if not (a.ok and a.body is not None):
             return
         self.pause(0.3, 1.0)
-        choice = random.random()
-        if choice < 0.75:
-            self.settle_until_answered(a.body["reservation_id"], "confirm")
-        elif choice < 0.9:
-            self.settle_until_answered(a.body["reservation_id"], "cancel")
-        # else: walks away; the hold expires and the unit comes back
+        outcome = next(OUTCOMES)
+        if outcome != "walk away":  # one who walks away lets the hold expire: the unit comes back
+            self.settle_until_answered(a.body["reservation_id"], outcome)
 
 
 class Leaver(Shopper):
