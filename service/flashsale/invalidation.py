@@ -33,6 +33,17 @@ class Silent(ConnectionError):
 
 
 async def listen(redis: Client, channel: str, verdicts: Verdicts, stop: asyncio.Event) -> None:
+    """Until ``stop`` is set, and not a moment longer: a read waits up to a second for a message,
+    so the listening is cancelled when ``stop`` comes (a process stopping, a test's app)."""
+    listening = asyncio.create_task(_listen(redis, channel, verdicts, stop), name="invalidation-listen")
+    try:
+        await stop.wait()
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+
+
+async def _listen(redis: Client, channel: str, verdicts: Verdicts, stop: asyncio.Event) -> None:
     backoff = 0.05
     while not stop.is_set():
         pubsub = redis.pubsub()
