@@ -35,7 +35,8 @@ import psutil
 
 from flashsale import db
 from flashsale.embedded import EmbeddedPostgres
-from flashsale.persister import Conn, Entry, merge, write, write_sale
+from flashsale.persister import Conn, merge, write, write_sale
+from flashsale.queue import Entry
 from flashsale.settings import ROOT
 
 # The persister's statement before json_to_recordset, kept here only for this comparison.

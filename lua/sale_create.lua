@@ -4,7 +4,7 @@
 -- KEYS[3] queue state         fs:{S}:queue:state  (made only for a sale with a waiting room)
 -- KEYS[4..] one item hash per sku, in the order of the skus in ARGV
 -- ARGV[1] sale id   ARGV[2] starts_ms   ARGV[3] ends_ms   ARGV[4] hold_ms
--- ARGV[5] sale document (JSON, names and prices)   ARGV[6] consumer group name
+-- ARGV[5] sale document (JSON, names and prices)   ARGV[6] consumer group names, comma-separated
 -- ARGV[7] the state it starts in: 'active' (a new sale) or 'paused' (flashsale recover, which
 --         restores the holds before it lets the sale sell)
 -- ARGV[8] the sale's extra slots (shards.py), comma-separated ('' for none: no item sharded)
@@ -36,7 +36,9 @@ if ARGV[9] ~= '' then
     'seq', 0, 'joined', 0, 'admitted', 0, 'expired', 0, 'carry', 0)
 end
 -- The group starts at 0 so the persister sees this sale's very first event.
-redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[6], '0', 'MKSTREAM')
+for group in string.gmatch(ARGV[6], '[^,]+') do  -- the persister's and the webhooks'
+  redis.call('XGROUP', 'CREATE', KEYS[2], group, '0', 'MKSTREAM')
+end
 redis.call('XADD', KEYS[2], '*', 'type', 'sale', 'sale', ARGV[1], 'state', ARGV[7],
   'doc', ARGV[5], 'at_ms', now)
 return {'ok'}

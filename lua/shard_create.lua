@@ -6,7 +6,7 @@
 -- KEYS[2] the slot's events      fs:{S~x}:events
 -- KEYS[3..] one item hash per sku, in the order of the skus in ARGV
 -- ARGV[1] sale id   ARGV[2] starts_ms   ARGV[3] ends_ms   ARGV[4] hold_ms   ARGV[5] state
--- ARGV[6] consumer group name   ARGV[7] the sale document, as sale_create.lua will get it
+-- ARGV[6] consumer group names, comma-separated   ARGV[7] the sale document, as sale_create.lua will get it
 -- ARGV[8] ip_rate_per_s (0: off)
 -- ARGV[9..] per item, five values: sku, this shard's stock, per_user_limit, per_ip_limit,
 --         per_device_limit (0: none)
@@ -32,5 +32,7 @@ end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', ARGV[5], 'starts_ms', ARGV[2],
   'ends_ms', ARGV[3], 'hold_ms', ARGV[4], 'skus', table.concat(skus, ','), 'rev', 1, 'doc', ARGV[7],
   'ip_rate', ARGV[8])
-redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[6], '0', 'MKSTREAM')
+for group in string.gmatch(ARGV[6], '[^,]+') do  -- the persister's and the webhooks'
+  redis.call('XGROUP', 'CREATE', KEYS[2], group, '0', 'MKSTREAM')
+end
 return {'ok'}

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from flashsale import db
 from flashsale.api import create_app
+from flashsale.dispatch import Dispatcher
 from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from flashsale.keys import Keys
 from flashsale.persister import Persister
@@ -190,16 +191,36 @@ async def client(app_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @contextlib.asynccontextmanager
 async def persisting(settings: Settings, redis: Any) -> AsyncIterator[Persister]:
-    """A persister running in this process (on ``redis``, a plain or a cluster client) until the block ends."""
+    """What `flashsale worker` runs, in this process (on ``redis``, a plain or a cluster client)
+    until the block ends: a persister, and beside it the webhooks' dispatcher (without it, no
+    stream is trimmed and no sale retires: the webhooks group would never be done)."""
+    async with dispatching(settings, redis):
+        pool = await db.create_pool(settings.database_url, 2)
+        persister = Persister(redis, pool, Keys(settings.key_prefix), settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(persister.run(stop))
+        try:
+            yield persister
+        finally:
+            stop.set()
+            await task
+            await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def dispatching(settings: Settings, redis: Any) -> AsyncIterator[Dispatcher]:
+    """The webhooks' dispatcher alone, in this process, until the block ends."""
     pool = await db.create_pool(settings.database_url, 2)
-    persister = Persister(redis, pool, Keys(settings.key_prefix), settings)
+    scripts = Scripts.load(redis, settings.lua_dir)
+    dispatcher = Dispatcher(redis, pool, Keys(settings.key_prefix), scripts, settings)
     stop = asyncio.Event()
-    task = asyncio.create_task(persister.run(stop))
+    task = asyncio.create_task(dispatcher.run(stop))
     try:
-        yield persister
+        yield dispatcher
     finally:
         stop.set()
         await task
+        await scripts.calls.close()
         await pool.close()
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,7 +15,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from . import admin, clients, connection, db, docs, hot, invalidation, metrics, monitor, openapi, sweeper, waiting
+from . import (
+    admin,
+    clients,
+    connection,
+    db,
+    docs,
+    hot,
+    invalidation,
+    metrics,
+    monitor,
+    openapi,
+    sweeper,
+    waiting,
+    webhooks,
+)
 from .auth import KeyRing
 from .budgets import Budgets
 from .carts import Carts
@@ -141,6 +156,7 @@ ROUTES: list[BaseRoute] = [
     Route("/v1/carts/{cart_id}/confirm", confirm_cart, methods=["POST"]),
     Route("/v1/carts/{cart_id}/cancel", cancel_cart, methods=["POST"]),
     *admin.ROUTES,
+    *webhooks.ROUTES,
     *monitor.ROUTES,
     *docs.ROUTES,
 ]
@@ -173,6 +189,28 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 async def on_redis_error(request: Request, exc: Exception) -> Response:
     return store_unavailable(exc).response()
+
+
+# Postgres unreachable, starting, shutting down, out of connections, or a query cut off: 503.
+POSTGRES_DOWN: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.QueryCanceledError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+async def on_postgres_error(request: Request, exc: Exception) -> Response:
+    """Postgres down or its connection lost under an endpoint that reads it (webhooks): 503."""
+    log.warning("postgres unavailable: %r", exc)
+    return ApiError(
+        "unavailable", "the database is unreachable; retry after the given seconds", retry_after=1
+    ).response()
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
@@ -255,6 +293,7 @@ def create_app(settings: Settings) -> Starlette:
             ApiError: on_api_error,
             RedisError: on_redis_error,
             RedisClusterException: on_redis_error,
+            **dict.fromkeys(POSTGRES_DOWN, on_postgres_error),
             HTTPException: on_http_error,
             Exception: on_crash,
         },

@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from . import connection, db
+from .dispatch import Dispatcher
 from .keys import Keys
 from .logs import setup_logging
 from .persister import Persister
@@ -54,11 +55,23 @@ def _worker(settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         redis = await connection.connect(settings.redis_url)
+        # The webhooks' own connections: their blocking reads and slow endpoints never wait on
+        # the persister's, nor the persister on theirs.
+        hooks_redis = await connection.connect(settings.redis_url)
         pool = await db.create_pool(settings.database_url, 2)
+        hooks_pool = await db.create_pool(settings.database_url, 2)
+        keys = Keys(settings.key_prefix)
+        scripts = Scripts.load(hooks_redis, settings.lua_dir)
         try:
-            await Persister(redis, pool, Keys(settings.key_prefix), settings).run(stop)
+            await asyncio.gather(
+                Persister(redis, pool, keys, settings).run(stop),
+                Dispatcher(hooks_redis, hooks_pool, keys, scripts, settings).run(stop),
+            )
         finally:
+            await scripts.calls.close()
+            await hooks_pool.close()
             await pool.close()
+            await hooks_redis.aclose()
             await redis.aclose()
 
     asyncio.run(go())
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "serve":
             p.add_argument("--workers", type=int, default=1)
             p.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
-    sub.add_parser("worker", help="the persister: drains the order queue into Postgres")
+    sub.add_parser("worker", help="the persister (the order queue into Postgres) and the webhooks' sender")
     sub.add_parser("migrate", help="apply migrations/*.sql in order, once each")
     p = sub.add_parser("reconcile", help="compare Redis and Postgres for a sale; exit 1 on any difference")
     p.add_argument("sale_id")

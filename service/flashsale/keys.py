@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GROUP = "persister"  # consumer group on every sale's event stream
+GROUP = "persister"  # consumer group on every sale's event stream: into Postgres
+WEBHOOKS = "webhooks"  # the other group on every sale's event stream: into webhook deliveries (dispatch.py)
+GROUPS = f"{GROUP},{WEBHOOKS}"  # both, as the scripts that make a stream take them
 
 
 WORKER_TTL_MS = 10_000  # a persister silent this long is not counted alive

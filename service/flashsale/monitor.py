@@ -51,6 +51,7 @@ from .schemas import (
     SaleDoc,
     SaleProgress,
     SaleStatus,
+    WebhookCounts,
     encoder,
 )
 from .scripts import Scripts
@@ -68,6 +69,10 @@ SNAPSHOT_TRIES = 5
 PERSISTED_TIMEOUT_S = 1.0
 METRICS_SALES = 100  # /metrics reports the newest this many sales that have not ended
 COUNT_PERSISTED = "SELECT count(*) FROM reservations WHERE sale_id = $1"
+COUNT_WEBHOOKS = (
+    "SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (WHERE status = 'dead') AS dead"
+    " FROM webhook_deliveries WHERE sale_id = $1 AND status <> 'delivered'"
+)
 STATIC = Path(__file__).parent / "static"
 
 
@@ -167,9 +172,10 @@ class Monitor:
         if self.tally is not None:
             await self.tally.flush()
         at, status, items, audited, slots = await self._snapshot(sale_id)
-        queue, persisted, workers, room = await asyncio.gather(
+        queue, persisted, hooks, workers, room = await asyncio.gather(
             backlog(self.redis, self.keys, sale_id, slots),
             self._persisted(sale_id),
+            self._webhooks(sale_id),
             self.workers_alive(),
             waiting.stats(self.scripts, self.keys, sale_id),
         )
@@ -205,6 +211,7 @@ class Monitor:
                 *(d for d in audited if d.startswith("postgres: ")),
             ],
             queue=room,
+            webhooks=hooks,
         )
 
     async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str], list[str]]:
@@ -253,6 +260,14 @@ class Monitor:
             return None
         self._postgres_ok = True
         return n
+
+    async def _webhooks(self, sale_id: str) -> WebhookCounts | None:
+        try:
+            row = await asyncio.wait_for(self.pool.fetchrow(COUNT_WEBHOOKS, sale_id), PERSISTED_TIMEOUT_S)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return None  # _persisted logs it
+        assert row is not None
+        return WebhookCounts(pending=row["pending"], dead=row["dead"])
 
     async def workers_alive(self) -> int:
         """Persisters whose heartbeat is fresh, from one sorted set (clocks kept within seconds)."""

@@ -13,6 +13,8 @@ from .schemas import (
     Cart,
     CartIn,
     ConfirmIn,
+    Delivery,
+    DeliveryList,
     Error,
     ExtendIn,
     Health,
@@ -24,11 +26,15 @@ from .schemas import (
     ReservationList,
     ReserveIn,
     RestockIn,
+    RotateIn,
     SaleIn,
     SaleOut,
     SalePage,
     SalePatch,
     Ticket,
+    Webhook,
+    WebhookIn,
+    WebhookList,
 )
 
 REF = "#/components/schemas/{name}"
@@ -165,6 +171,63 @@ def _admin_paths() -> dict[str, Any]:
                 role="ops",
                 body=RestockIn,
                 params=[SALE_ID, sku],
+            )
+        },
+    }
+
+
+def _webhook_paths() -> dict[str, Any]:
+    """Paths of webhooks.ROUTES."""
+    webhook = _path("webhook_id", "^wh_[A-Za-z0-9_-]{22}$")
+    event = _path("event_id", "^evt_\\S{1,200}$")
+    status = {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "description": "only deliveries in this status (dead: the dead letters)",
+        "schema": {"type": "string", "enum": ["pending", "delivered", "dead"]},
+    }
+    deleted = _op("Stop sending to the endpoint; its deliveries not yet sent are dropped", ok={}, role="ops")
+    deleted["responses"]["204"] = {"description": "deleted"}
+    deleted["parameters"] = [webhook]
+    return {
+        "/v1/webhooks": {
+            "post": _op(
+                "Register an endpoint for some events; the answer holds its signing secret, shown only here",
+                ok={201: Webhook},
+                role="ops",
+                body=WebhookIn,
+            ),
+            "get": _op(
+                "Every endpoint, newest first, with its deliveries waiting for a try and dead-lettered",
+                ok={200: WebhookList},
+                role="ops",
+            ),
+        },
+        "/v1/webhooks/{webhook_id}": {"delete": deleted},
+        "/v1/webhooks/{webhook_id}/rotate": {
+            "post": _op(
+                "A new signing secret; the previous one signs too for previous_valid_s",
+                ok={200: Webhook},
+                role="ops",
+                body=RotateIn,
+                params=[webhook],
+            )
+        },
+        "/v1/webhooks/{webhook_id}/deliveries": {
+            "get": _op(
+                "The endpoint's deliveries, newest first",
+                ok={200: DeliveryList},
+                role="ops",
+                params=[webhook, status, _limit("at most this many", 20, 100)],
+            )
+        },
+        "/v1/webhooks/{webhook_id}/deliveries/{event_id}/redeliver": {
+            "post": _op(
+                "Send a dead letter again, its retries anew (409 invalid_state unless it is dead)",
+                ok={200: Delivery},
+                role="ops",
+                params=[webhook, event],
             )
         },
     }
@@ -345,6 +408,12 @@ def document() -> bytes:
         QueuePatch,
         QueueProgress,
         Ticket,
+        WebhookIn,
+        Webhook,
+        WebhookList,
+        RotateIn,
+        Delivery,
+        DeliveryList,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     paths: dict[str, Any] = {
@@ -437,7 +506,7 @@ def document() -> bytes:
         ok={200: ReservationList},
         params=[SALE_ID, USER_QUERY, LIMIT],
     )
-    for extra in (_admin_paths(), _monitor_paths()):  # merged per path: GET /v1/sales joins its POST
+    for extra in (_admin_paths(), _monitor_paths(), _webhook_paths()):  # merged per path: GET /v1/sales joins its POST
         for path, operations in extra.items():
             paths.setdefault(path, {}).update(operations)
     _link(paths)

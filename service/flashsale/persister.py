@@ -19,18 +19,17 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
-from redis.asyncio import RedisCluster
 
 from . import connection, metrics
 from .audit import Auditor
 from .connection import Client
-from .keys import GROUP, Keys
-from .queue import backlog
+from .keys import GROUP, WEBHOOKS, Keys
+from .queue import Entry, active_streams, backlog, claim_idle, read_new
 from .sales import now_ms
 from .schemas import SaleDoc
 from .scripts import Script, Scripts
@@ -38,7 +37,6 @@ from .settings import Settings
 
 log = logging.getLogger("flashsale.persister")
 
-Entry = tuple[str, dict[str, str]]
 FINAL = ("confirmed", "released", "expired")
 # SQLSTATE classes 22 (data) and 23 (constraint): the entry itself is bad and retrying won't help.
 POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
@@ -208,21 +206,8 @@ class Persister:
         """stream key -> sale id for every active sale (its own stream and those of its extra
         slots, shards.py), refreshed once a second."""
         if time.monotonic() - self._streams_at > 1.0:
-            active = cast(list[tuple[str, float]], await self.redis.zrange(self.keys.active, 0, -1, withscores=True))
-            pipe = self.redis.pipeline(transaction=False)
-            for s, _ in active:
-                pipe.hget(self.keys.sale(s), "slots")
-            self._slots = {
-                s: [x for x in (slots or "").split(",") if x]
-                for (s, _), slots in zip(active, await pipe.execute(), strict=True)
-            }
-            # Only streams that are there: one a lost slot took with it would fail every read (NOGROUP).
-            every = [(self.keys.events(slot), s) for s, _ in active for slot in (s, *self._slots[s])]
-            pipe = self.redis.pipeline(transaction=False)
-            for stream, _ in every:
-                pipe.exists(stream)
-            self._streams = {stream: s for (stream, s), e in zip(every, await pipe.execute(), strict=True) if e}
-            self._until = dict(active)
+            found = await active_streams(self.redis, self.keys)
+            self._streams, self._until, self._slots = found.sale_of, found.until, found.extra
             self._streams_at = time.monotonic()
         return self._streams
 
@@ -246,10 +231,11 @@ class Persister:
                     pipe.hlen(self.keys.moves(slot))  # a move a crash cut short: the sweeper must finish it
             if any(await pipe.execute()):
                 continue
-            stream = self.keys.events(sale_id)  # made with its group by sale_create
-            queued = await self.redis.exists(stream) and (await backlog(self.redis, self.keys, sale_id, extra)).events
-            if queued:
-                continue
+            stream = self.keys.events(sale_id)  # made with its groups by sale_create
+            if await self.redis.exists(stream) and any(
+                [(await backlog(self.redis, self.keys, sale_id, extra, group)).events for group in (GROUP, WEBHOOKS)]
+            ):
+                continue  # an event not yet in Postgres, or not yet taken for the webhooks
             if await self._retire(keys=[self.keys.active], args=[sale_id, int(until)]):
                 log.info("sale retired from the active set", extra={"sale_id": sale_id})
                 self._until.pop(sale_id, None)
@@ -310,39 +296,21 @@ class Persister:
                 await self.trim(stream)
 
     async def read(self, streams: dict[str, str]) -> list[tuple[str, list[Entry]]]:
-        """New entries of the streams, waiting up to persist_block_ms for some. On one Redis, one
-        blocking XREADGROUP over all of them. On a cluster, where a command's keys must share a
-        slot and every sale has its own, one XREADGROUP per stream, without blocking, in one
-        pipeline per master; then the wait, if none had anything."""
-        if not isinstance(self.redis, RedisCluster):
-            wanted: dict[Any, Any] = dict.fromkeys(streams, ">")
-            block = self.settings.persist_block_ms
-            got = await self.redis.xreadgroup(GROUP, self.name, wanted, count=self.settings.persist_batch, block=block)
-            return cast(list[tuple[str, list[Entry]]], got or [])
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
-            pipe.xreadgroup(GROUP, self.name, {stream: ">"}, count=self.settings.persist_batch)
-        replies = [r for reply in await pipe.execute() for r in reply or []]
-        if not replies:
-            await asyncio.sleep(self.settings.persist_block_ms / 1000)
-        return cast(list[tuple[str, list[Entry]]], replies)
+        return await read_new(
+            self.redis, GROUP, self.name, list(streams), self.settings.persist_batch, self.settings.persist_block_ms
+        )
 
     async def claim(self, stream: str, sale_id: str, stop: asyncio.Event) -> None:
         """Takes over entries another (likely dead) consumer left pending too long."""
-        start = "0-0"
-        while not stop.is_set():
-            start, entries, deleted = cast(
-                tuple[str, list[Entry], list[str]],
-                await self.redis.xautoclaim(
-                    stream, GROUP, self.name, self.settings.claim_idle_ms, start, count=self.settings.persist_batch
-                ),
-            )
+        idle, batch = self.settings.claim_idle_ms, self.settings.persist_batch
+        batches = claim_idle(self.redis, stream, GROUP, self.name, idle, batch)
+        async for entries, deleted in batches:
             for entry_id in deleted:  # trimmed while pending: must not happen; never pass it by silently
                 await self.dead_letter(stream, sale_id, entry_id, {}, "gone from the stream before it was persisted")
             if entries:
                 log.info("claimed pending entries", extra={"stream": stream, "claimed": len(entries)})
                 await self.handle(stream, sale_id, entries, stop)
-            if start == "0-0":
+            if stop.is_set():
                 return
 
     async def handle(self, stream: str, sale_id: str, entries: list[Entry], stop: asyncio.Event) -> None:
@@ -415,12 +383,19 @@ class Persister:
         log.error("dead-lettered entry", extra={"sale_id": sale_id, "entry_id": entry_id, "reason": why})
 
     async def trim(self, stream: str) -> None:
-        """Drops entries every consumer is done with, so the stream does not grow for ever."""
-        # last-delivered first, pending second: an entry delivered between the two reads is
-        # pending at the second, so the floor never passes an entry not yet acknowledged.
-        groups = await self.redis.xinfo_groups(stream)
-        delivered = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), None)
-        summary = await self.redis.xpending(stream, GROUP)
-        floor = summary["min"] if summary and summary.get("pending") else delivered
+        """Drops entries every consumer group is done with (the persister's and the webhooks'),
+        so the stream does not grow for ever."""
+        # Per group, last-delivered first, pending second: an entry delivered between the two
+        # reads is pending at the second, so the floor never passes an entry not yet acknowledged.
+        floors = []
+        for group in await self.redis.xinfo_groups(stream):
+            summary = await self.redis.xpending(stream, group["name"])
+            floors.append(summary["min"] if summary and summary.get("pending") else group["last-delivered-id"])
+        floor = min(floors, key=_entry_order, default=None)
         if floor and floor != "0-0":
             await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

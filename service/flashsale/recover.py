@@ -49,7 +49,7 @@ import msgspec
 
 from . import budgets, shards
 from .connection import Client
-from .keys import GROUP, Keys
+from .keys import GROUPS, Keys
 from .reservations import fingerprint, slot_of
 from .sales import Sales, limits, ms, now_ms
 from .schemas import ItemIn, SaleDoc, WaitingRoom
@@ -178,7 +178,7 @@ async def _remake(redis: Client, keys: Keys, scripts: Scripts, sale_id: str, los
     window = cast(list[str], await redis.hmget(keys.sale(sale_id), ["starts_ms", "ends_ms", "hold_ms"]))
     for slot in lost:
         here = [i for i in doc.items if slot in shards.slots_of(doc, i)]
-        args: list[str | int] = [sale_id, *window, "paused", GROUP, raw, doc.ip_rate_per_s or 0]
+        args: list[str | int] = [sale_id, *window, "paused", GROUPS, raw, doc.ip_rate_per_s or 0]
         for item in here:
             pipe = redis.pipeline(transaction=False)
             others = [s for s in shards.slots_of(doc, item) if s not in lost]

@@ -19,7 +19,7 @@ import msgspec
 from . import shards
 from .connection import Client
 from .errors import ApiError
-from .keys import GROUP, Keys
+from .keys import GROUPS, Keys
 from .schemas import (
     DIGITS,
     MAX_STOCK,
@@ -163,7 +163,7 @@ class Sales:
         for n, slot in enumerate(doc.slots, start=1):
             await self._create_slot(doc, n, slot, window, state, encoded)
         room = doc.waiting_room
-        args: list[str | int] = [doc.id, *window, encoded, GROUP, state, ",".join(doc.slots)]
+        args: list[str | int] = [doc.id, *window, encoded, GROUPS, state, ",".join(doc.slots)]
         args += [room.admit_per_s, room.abandon_after_s * 1000, room.admission_ttl_s * 1000] if room else ["", "", ""]
         args.append(doc.ip_rate_per_s or 0)
         for item in doc.items:
@@ -186,7 +186,7 @@ class Sales:
         is cleared first."""
         k = self.keys
         here = [i for i in doc.items if i.shards > n]
-        args: list[str | int] = [doc.id, *window, state, GROUP, encoded, doc.ip_rate_per_s or 0]
+        args: list[str | int] = [doc.id, *window, state, GROUPS, encoded, doc.ip_rate_per_s or 0]
         for item in here:
             args += [item.sku, shards.split(item.stock, item.shards)[n], *limits(item)]
         for attempt in range(2):

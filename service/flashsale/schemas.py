@@ -311,3 +311,68 @@ class SaleProgress(Struct):
     # not add up (now), and Redis against Postgres (at the last audit with the queue empty).
     drift: list[str] = msgspec.field(default_factory=list)
     queue: QueueProgress | None = None  # the sale's waiting room, if it has one
+    webhooks: WebhookCounts | None = None  # its webhook deliveries not yet done; null when Postgres did not answer
+
+
+WebhookEvent = Literal[
+    "reservation.created",
+    "reservation.confirmed",
+    "reservation.released",
+    "reservation.expired",
+    "sale.started",
+    "sale.sold_out",
+    "sale.ended",
+]
+DeliveryStatus = Literal["pending", "delivered", "dead"]
+
+
+class WebhookIn(Struct, forbid_unknown_fields=True):
+    url: Annotated[
+        str, Meta(min_length=8, max_length=2000, pattern=r"^https?://[\x21-\x7e]+(?!\n)$", description="http(s)")
+    ]
+    events: Annotated[list[WebhookEvent], Meta(min_length=1, max_length=7)]
+
+
+class WebhookCounts(Struct):
+    """Deliveries waiting for their next try, and those dead-lettered after every retry failed."""
+
+    pending: int
+    dead: int
+
+
+class Webhook(Struct, omit_defaults=True):
+    id: str
+    url: str
+    events: list[WebhookEvent]
+    created_at: datetime
+    # Only in the answers to the registration and to a rotation: never shown again.
+    secret: str | UnsetType = UNSET
+    # After a rotation: until then every delivery is signed with the previous secret too.
+    previous_secret_until: datetime | UnsetType = UNSET
+    deliveries: WebhookCounts | UnsetType = UNSET
+
+
+class WebhookList(Struct):
+    webhooks: list[Webhook]
+
+
+class RotateIn(Struct, forbid_unknown_fields=True):
+    previous_valid_s: Annotated[
+        int, Meta(ge=0, le=7 * 86_400, description="how long the previous secret still signs, too")
+    ] = 86_400
+
+
+class Delivery(Struct):
+    event_id: str
+    type: WebhookEvent
+    sale_id: str
+    status: DeliveryStatus
+    attempts: int
+    occurred_at: datetime
+    next_at: datetime | None  # the next try, for a pending one
+    last_error: str | None
+    payload: str  # the body, as sent and signed
+
+
+class DeliveryList(Struct):
+    deliveries: list[Delivery]

@@ -35,6 +35,19 @@ def _level(env: Mapping[str, str], name: str, default: str) -> str:
     return level
 
 
+def _seconds(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        values = tuple(float(v) for v in raw.split(","))
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a comma-separated list of seconds (e.g. 5,30,120)") from None
+    if any(not 0 < v <= 86_400 for v in values):
+        raise SettingsError(f"{name}={raw!r}: every wait must be more than 0 and at most 86400 seconds")
+    return values
+
+
 def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in env.get(name, "").split(",") if k.strip())
 
@@ -69,6 +82,12 @@ class Settings:
     claim_idle_ms: int = 5000
     # Deliveries after which an entry that keeps failing is dead-lettered.
     max_deliveries: int = 5
+    # Webhooks (dispatch.py): the waits before each retry of a delivery not answered 2xx, in
+    # seconds (each drawn within +-20%; about two hours in all), then it is dead-lettered; how long
+    # an endpoint has to answer; how many deliveries one endpoint has in flight at once.
+    webhook_retry_s: tuple[float, ...] = (5, 30, 120, 300, 600, 1200, 1800, 3600)
+    webhook_timeout_s: float = 10.0
+    webhook_concurrency: int = 8
     log_level: str = "INFO"
     # One access-log line in this many of the 2xx and 409 answers (every other status always).
     access_log_sample: int = 1
@@ -96,6 +115,9 @@ class Settings:
             persist_batch=_int(env, "FLASHSALE_PERSIST_BATCH", d.persist_batch, 1),
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", d.claim_idle_ms, 100),
             max_deliveries=_int(env, "FLASHSALE_MAX_DELIVERIES", d.max_deliveries, 1),
+            webhook_retry_s=_seconds(env, "FLASHSALE_WEBHOOK_RETRY_S", d.webhook_retry_s),
+            webhook_timeout_s=float(_int(env, "FLASHSALE_WEBHOOK_TIMEOUT_S", int(d.webhook_timeout_s), 1)),
+            webhook_concurrency=_int(env, "FLASHSALE_WEBHOOK_CONCURRENCY", d.webhook_concurrency, 1),
             log_level=_level(env, "LOG_LEVEL", d.log_level),
             access_log_sample=_int(env, "FLASHSALE_ACCESS_LOG_SAMPLE", d.access_log_sample, 1),
         )
