@@ -26,5 +26,6 @@ CREATE TABLE webhook_deliveries (
     PRIMARY KEY (webhook_id, event_id)
 );
 
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook_id, next_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_newest ON webhook_deliveries (webhook_id, occurred_at DESC);
 CREATE INDEX webhook_deliveries_undelivered ON webhook_deliveries (sale_id, status) WHERE status <> 'delivered';

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -278,9 +279,18 @@ async def test_the_list_of_sales_on_a_cluster_shows_sales_of_every_master(
     on_cluster: Settings, cluster_redis: Any, cluster_client: httpx.AsyncClient
 ) -> None:
     keys = Keys(on_cluster.key_prefix)
-    made = [(await create_sale(cluster_client, items=[item(stock=3)]))["id"] for _ in range(6)]
-    masters = {cluster_redis.get_node_from_key(keys.sale(s)).name for s in made}
-    assert len(masters) >= 2, "the sales all hashed to one master: pick more"
+    by_master: dict[str, list[str]] = {}
+    for n in range(200):  # two sale ids on each master
+        sale_id = f"list-{secrets.token_hex(3)}-{n}"
+        ids = by_master.setdefault(cluster_redis.get_node_from_key(keys.sale(sale_id)).name, [])
+        if len(ids) < 2:
+            ids.append(sale_id)
+    assert len(by_master) == 3
+    made = [
+        (await create_sale(cluster_client, sale_id=s, items=[item(stock=3)]))["id"]
+        for ids in by_master.values()
+        for s in ids
+    ]
     r = await cluster_client.get("/v1/sales?limit=50", headers=OPS)
     assert r.status_code == 200, r.text
     listed = {s["id"]: s for s in r.json()["sales"]}

@@ -284,7 +284,7 @@ async def test_after_a_rotation_both_secrets_sign_until_the_previous_one_runs_ou
 
 
 async def test_sale_events_come_once_each_even_with_two_dispatchers_watching(
-    client: httpx.AsyncClient, fast: Settings, redis: Redis
+    client: httpx.AsyncClient, fast: Settings, redis: Redis, keys: Keys
 ) -> None:
     async with receiver() as (url, got), dispatching(fast, redis), dispatching(fast, redis):
         await register(client, url, SALE_EVENTS)
@@ -298,6 +298,7 @@ async def test_sale_events_come_once_each_even_with_two_dispatchers_watching(
         await asyncio.sleep(1.5)  # both have looked again since
     assert sorted(types(got)) == sorted(SALE_EVENTS)
     assert {r.event["data"]["sale_id"] for r in got} == {sale}
+    assert await redis.hget(keys.sale(sale), "ended_told") == "1"  # the persister may retire it now
 
 
 async def test_the_stream_keeps_what_the_webhooks_have_not_taken_yet(
@@ -324,6 +325,31 @@ async def test_the_stream_keeps_what_the_webhooks_have_not_taken_yet(
     assert kept == 2  # the sale's document and the hold: persisted, but not yet taken for webhooks
     assert left == 1  # both groups done: trimmed to the last entry (XTRIM MINID keeps the floor)
     assert WEBHOOKS in {g["name"] for g in await redis.xinfo_groups(stream)}
+
+
+async def test_a_stream_made_before_webhooks_is_kept_whole_until_its_group_is_made_then_delivered(
+    client: httpx.AsyncClient, fast: Settings, redis: Redis, keys: Keys
+) -> None:
+    async with receiver() as (url, got):
+        await register(client, url, ["reservation.created"])
+        sale = (await create_sale(client))["id"]
+        stream = keys.events(sale)
+        await redis.xgroup_destroy(stream, WEBHOOKS)  # as a sale made by the version before
+        await reserve(client, sale, "ann")
+        pool = await db.create_pool(fast.database_url, 1)
+        alone = Persister(redis, pool, keys, fast)
+        stop = asyncio.Event()
+        running = asyncio.create_task(alone.run(stop))
+        await until(lambda: alone.written >= 2)
+        await alone.trim(stream)
+        kept = await redis.xlen(stream)
+        stop.set()
+        await running
+        await pool.close()
+        async with dispatching(fast, redis):
+            await until(lambda: len(got) == 1)
+    assert kept == 2  # not trimmed past what the webhooks group, not there yet, would have to take
+    assert got[0].event["data"]["user_id"] == "ann"
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,6 @@ RESERVATION_EVENTS = {
 }
 PG_ERRORS: tuple[type[Exception], ...] = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 LEASE_S = 30.0  # past the send's timeout: a row this long "being sent" lost its sender
-BATCH = 100
 IDLE_S = 0.1
 ERROR_CHARS = 500
 SHUTDOWN_GRACE_S = 2.0
@@ -68,24 +67,20 @@ JOIN webhooks w ON e.type = ANY (w.events) AND w.created_at <= to_timestamp(e.at
 ON CONFLICT DO NOTHING
 """
 
-# Due rows, leased to this sender (attempts counted as the try begins), none of an endpoint
-# that has as many in flight here as it may.
+# Due rows, leased to this sender (attempts counted as the try begins: the attempt number is the
+# lease), at most as many of each endpoint as it has room for here: $1 the endpoints, $2 their room.
 CLAIM = """
-UPDATE webhook_deliveries d SET next_at = now() + make_interval(secs => $2), attempts = d.attempts + 1
-FROM (SELECT webhook_id, event_id FROM webhook_deliveries
-      WHERE status = 'pending' AND next_at <= now() AND NOT (webhook_id = ANY ($3::text[]))
-      ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED) due, webhooks w
-WHERE d.webhook_id = due.webhook_id AND d.event_id = due.event_id AND w.id = d.webhook_id
+UPDATE webhook_deliveries d SET next_at = now() + make_interval(secs => $3), attempts = d.attempts + 1
+FROM (SELECT due.webhook_id, due.event_id
+      FROM unnest($1::text[], $2::int[]) AS room (webhook_id, n)
+      CROSS JOIN LATERAL (SELECT x.webhook_id, x.event_id FROM webhook_deliveries x
+                          WHERE x.webhook_id = room.webhook_id AND x.status = 'pending' AND x.next_at <= now()
+                          ORDER BY x.next_at LIMIT room.n FOR UPDATE SKIP LOCKED) due) picked, webhooks w
+WHERE d.webhook_id = picked.webhook_id AND d.event_id = picked.event_id AND w.id = d.webhook_id
 RETURNING d.webhook_id, d.event_id, d.payload, d.attempts, w.url, w.secret, w.previous_secret, w.previous_until
 """
 
-# The attempt number a claim gave a row is its lease: an update from an older try (one that ran
-# past its lease while another took the row) changes nothing.
-UNCLAIM = """
-UPDATE webhook_deliveries SET next_at = now(), attempts = attempts - 1
-WHERE webhook_id = $1 AND event_id = $2 AND status = 'pending' AND attempts = $3
-"""
-
+# An update from an older try (one that ran past its lease while another took the row) changes nothing.
 DELIVERED = """
 UPDATE webhook_deliveries SET status = 'delivered', delivered_at = now(), last_error = NULL
 WHERE webhook_id = $1 AND event_id = $2 AND status = 'pending' AND attempts = $3
@@ -156,6 +151,8 @@ class Dispatcher:
     _claimed_at: float = 0.0
     _seen: set[tuple[str, str]] = field(default_factory=set)  # (sale, sale event) this process enqueued
     _in_flight: dict[str, int] = field(default_factory=dict)  # webhook id -> its deliveries being sent
+    _hooks: list[str] = field(default_factory=list)  # the registered webhooks' ids, read once a second
+    _hooks_at: float = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("webhook dispatcher started", extra={"consumer": self.name})
@@ -249,7 +246,8 @@ class Dispatcher:
     async def watch_step(self, sales: Sales) -> None:
         now = int(time.time() * 1000)
         events: list[dict[str, str | int]] = []
-        for sale_id in cast(list[str], await self.redis.zrange(self.keys.active, 0, -1)):
+        active = set(cast(list[str], await self.redis.zrange(self.keys.active, 0, -1)))
+        for sale_id in active:
             try:
                 sale = await sales.view(sale_id)
             except ApiError:  # gone between the listing and the read
@@ -274,6 +272,10 @@ class Dispatcher:
         if events:
             await self.pool.execute(ENQUEUE, msgspec.json.encode(events).decode())
             self._seen.update((str(e["sale_id"]), str(e["type"])) for e in events)
+            for e in events:  # the persister retires a sale only once its end is in the outbox
+                if e["type"] == "sale.ended":
+                    await self.redis.hset(self.keys.sale(str(e["sale_id"])), "ended_told", "1")
+        self._seen = {(s, k) for s, k in self._seen if s in active}
 
     # -- from rows to endpoints
 
@@ -290,7 +292,7 @@ class Dispatcher:
                     task = asyncio.create_task(self.deliver(http, row))
                     sending.add(task)
                     task.add_done_callback(sending.discard)
-                if len(claimed) < BATCH:
+                if not claimed:
                     await _wait(stop, IDLE_S)
         finally:  # a grace to finish; the rest are cancelled, and their leases run out
             if sending:
@@ -300,36 +302,36 @@ class Dispatcher:
                 await asyncio.gather(*late, return_exceptions=True)
 
     async def claim(self) -> list[asyncpg.Record]:
-        full = [w for w, n in self._in_flight.items() if n >= self.settings.webhook_concurrency]
-        rows = await self.pool.fetch(CLAIM, BATCH, LEASE_S + self.settings.webhook_timeout_s, full)
-        taken: list[asyncpg.Record] = []
-        back: list[tuple[str, str, int]] = []
-        room = {w: self.settings.webhook_concurrency - n for w, n in self._in_flight.items()}
-        for row in rows:  # a batch may hold more of one endpoint than it has room for: those go back
-            wid = row["webhook_id"]
-            if room.setdefault(wid, self.settings.webhook_concurrency) <= 0:
-                back.append((wid, row["event_id"], row["attempts"]))
-                continue
-            room[wid] -= 1
-            taken.append(row)
-        if back:
-            await self.pool.executemany(UNCLAIM, back)
-        for row in taken:  # counted once nothing can fail before they are sent
+        if time.monotonic() - self._hooks_at > 1.0:
+            self._hooks = [r["id"] for r in await self.pool.fetch("SELECT id FROM webhooks")]
+            self._hooks_at = time.monotonic()
+        cap = self.settings.webhook_concurrency
+        room = {w: cap - self._in_flight.get(w, 0) for w in self._hooks}
+        room = {w: n for w, n in room.items() if n > 0}
+        if not room:
+            return []
+        rows = await self.pool.fetch(CLAIM, list(room), list(room.values()), LEASE_S + self.settings.webhook_timeout_s)
+        for row in rows:
             self._in_flight[row["webhook_id"]] = self._in_flight.get(row["webhook_id"], 0) + 1
-        return taken
+        return rows
 
     async def deliver(self, http: httpx.AsyncClient, row: asyncpg.Record) -> None:
         wid, event_id, payload, attempt = row["webhook_id"], row["event_id"], row["payload"], row["attempts"]
         try:
             sent = headers(signing_secrets(row, datetime.now(UTC)), event_id, int(time.time()), payload)
-            async with asyncio.timeout(self.settings.webhook_timeout_s):  # the whole try, well within its lease
-                answer = await http.post(row["url"], content=payload.encode(), headers=sent)
-            ok = 200 <= answer.status_code < 300
-            error = "" if ok else f"answered {answer.status_code}: {answer.text[:200]}"
+            async with (
+                asyncio.timeout(self.settings.webhook_timeout_s),  # the whole try, well within its lease
+                http.stream("POST", row["url"], content=payload.encode(), headers=sent) as answer,
+            ):
+                ok = 200 <= answer.status_code < 300
+                said = b"" if ok else await _start_of(answer)
+            error = "" if ok else f"answered {answer.status_code}: {said.decode(errors='replace')}"
         except Exception as exc:  # no answer in time, a bad URL, anything: a failed try like any other
             ok, error = False, f"no answer: {exc!r}"
         finally:
             self._in_flight[wid] -= 1
+            if not self._in_flight[wid]:
+                del self._in_flight[wid]
         dead, wait = retry_wait(self.settings, int(attempt))
         error = error[:ERROR_CHARS].replace("\x00", "\ufffd")  # Postgres text holds no NUL
         try:
@@ -343,6 +345,16 @@ class Dispatcher:
             return
         if dead:
             log.error("webhook delivery dead-lettered", extra={"webhook_id": wid, "event_id": event_id})
+
+
+async def _start_of(answer: httpx.Response, most: int = 200) -> bytes:
+    """The first bytes of an answer's body, for the delivery's last_error: never the whole of it."""
+    got = b""
+    async for chunk in answer.aiter_bytes():
+        got += chunk
+        if len(got) >= most:
+            break
+    return got[:most]
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -74,7 +74,8 @@ class Keys:
     # HASH: state, window, hold length, the sale document (JSON), skus, created_ms, changed_ms
     # (time of the last change, the at_ms of its event), rev (bumped by every change to the
     # document or window; updates compare it), audit (JSON list of the differences the live audit
-    # last found, audit.py). Lives with the sale.
+    # last found, audit.py), ended_told (set once the webhooks' sale.ended is in their outbox,
+    # dispatch.py: the sale is not retired before). Lives with the sale.
     def sale(self, sale_id: str) -> str:
         return f"{self._sale(sale_id)}:sale"
 

@@ -187,6 +187,14 @@ def _webhook_paths() -> dict[str, Any]:
         "description": "only deliveries in this status (dead: the dead letters)",
         "schema": {"type": "string", "enum": ["pending", "delivered", "dead"]},
     }
+    rotate = _op(
+        "A new signing secret; the previous one signs too for previous_valid_s (no body: one day)",
+        ok={200: Webhook},
+        role="ops",
+        body=RotateIn,
+        params=[webhook],
+    )
+    rotate["requestBody"]["required"] = False
     deleted = _op("Stop sending to the endpoint; its deliveries not yet sent are dropped", ok={}, role="ops")
     deleted["responses"]["204"] = {"description": "deleted"}
     deleted["parameters"] = [webhook]
@@ -205,15 +213,7 @@ def _webhook_paths() -> dict[str, Any]:
             ),
         },
         "/v1/webhooks/{webhook_id}": {"delete": deleted},
-        "/v1/webhooks/{webhook_id}/rotate": {
-            "post": _op(
-                "A new signing secret; the previous one signs too for previous_valid_s",
-                ok={200: Webhook},
-                role="ops",
-                body=RotateIn,
-                params=[webhook],
-            )
-        },
+        "/v1/webhooks/{webhook_id}/rotate": {"post": rotate},
         "/v1/webhooks/{webhook_id}/deliveries": {
             "get": _op(
                 "The endpoint's deliveries, newest first",
@@ -333,6 +333,7 @@ def _link(paths: dict[str, Any]) -> None:
     sale = {"sale_id": "$response.body#/id"}
     rid = {"rid": "$response.body#/reservation_id"}
     cart = {"cart_id": "$response.body#/cart_id"}
+    hook = {"webhook_id": "$response.body#/id"}
     first_sku = "$response.body#/items/0/sku"
     Link = tuple[str, str, dict[str, str], dict[str, Any] | None]  # to path, method, parameters, body
     made: dict[tuple[str, str, str], dict[str, Link]] = {
@@ -345,6 +346,11 @@ def _link(paths: dict[str, Any]) -> None:
                 sale,
                 {"user_id": "shopper", "lines": [{"sku": first_sku, "quantity": 1}]},
             ),
+        },
+        ("/v1/webhooks", "post", "201"): {
+            "Rotate": ("/v1/webhooks/{webhook_id}/rotate", "post", hook, {"previous_valid_s": 60}),
+            "Deliveries": ("/v1/webhooks/{webhook_id}/deliveries", "get", hook, None),
+            "Delete": ("/v1/webhooks/{webhook_id}", "delete", hook, None),
         },
         ("/v1/sales/{sale_id}/reservations", "post", "201"): {
             "GetReservation": ("/v1/reservations/{rid}", "get", rid | {"user_id": user}, None),

@@ -231,6 +231,8 @@ class Persister:
                     pipe.hlen(self.keys.moves(slot))  # a move a crash cut short: the sweeper must finish it
             if any(await pipe.execute()):
                 continue
+            if not await self.redis.hget(self.keys.sale(sale_id), "ended_told"):
+                continue  # the webhooks' sale.ended is not in their outbox yet (dispatch.py)
             stream = self.keys.events(sale_id)  # made with its groups by sale_create
             if await self.redis.exists(stream) and any(
                 [(await backlog(self.redis, self.keys, sale_id, extra, group)).events for group in (GROUP, WEBHOOKS)]
@@ -388,7 +390,10 @@ class Persister:
         # Per group, last-delivered first, pending second: an entry delivered between the two
         # reads is pending at the second, so the floor never passes an entry not yet acknowledged.
         floors = []
-        for group in await self.redis.xinfo_groups(stream):
+        groups = await self.redis.xinfo_groups(stream)
+        if {g["name"] for g in groups} < {GROUP, WEBHOOKS}:
+            return  # a stream older than the webhooks, whose group the dispatcher has yet to make
+        for group in groups:
             summary = await self.redis.xpending(stream, group["name"])
             floors.append(summary["min"] if summary and summary.get("pending") else group["last-delivered-id"])
         floor = min(floors, key=_entry_order, default=None)

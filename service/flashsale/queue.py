@@ -104,7 +104,7 @@ async def backlog(redis: Client, keys: Keys, sale_id: str, extra: Sequence[str] 
 
 async def _stream(redis: Client, stream: str, group: str) -> tuple[int, list[int]]:
     """Events of one stream ``group`` is not done with, and the time of the oldest (none: []). A
-    stream that is not there (an extra slot its master lost), or has no such group, has none."""
+    stream that is not there (an extra slot its master lost) has none."""
     # No MULTI (redis-py's cluster MULTI runs each queued command on an event loop of its own,
     # which breaks the client after a failover), and none needed: the group is read before the
     # pending list, so an entry delivered in between is counted twice, never none.
@@ -118,8 +118,9 @@ async def _stream(redis: Client, stream: str, group: str) -> tuple[int, list[int
     if isinstance(groups, Exception):
         raise groups
     found = next((g for g in groups if g["name"] == group), None)
-    if found is None:
-        return 0, []
+    if found is None:  # a stream older than the group (the webhooks'): it has taken nothing yet
+        first = cast(list[tuple[str, object]], await redis.xrange(stream, "-", "+", count=1))
+        return int(await redis.xlen(stream)), [_id_ms(first[0][0])] if first else []
     if isinstance(pending, Exception):
         raise pending
     lag = found.get("lag")
