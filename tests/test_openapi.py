@@ -15,7 +15,7 @@ from flashsale.api import ROUTES
 from flashsale.settings import Settings
 
 from . import procs
-from .conftest import OPS_KEY, create_sale
+from .conftest import OPS_KEY, STORE_KEY, TESTS, create_sale
 
 # One client and one API process: beside the crowd tests it costs them little, and run after them
 # it made the heavy group the suite's longest path (make test uses --dist loadgroup).
@@ -38,8 +38,25 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
 ) -> None:
     with procs.api(settings, workers=1) as url:
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {OPS_KEY}"}) as c:
-            await create_sale(c, sale_id="fuzz")
+            # Live, and with room for every hold the stateful phase makes as its one "shopper".
+            item = {"sku": "phone", "name": "Phone", "price_cents": 1, "stock": 1_000_000, "per_user_limit": 1_000_000}
+            await create_sale(c, sale_id="fuzz", items=[item])
         st = Path(sys.executable).with_name("st")
+        # First as a shopper, while "fuzz" is live (the ops run below may well end it: GET /v1/sales lists it).
+        shopper = subprocess.run(
+            [
+                *(str(st), "--config-file", str(TESTS / "schemathesis-shopper.toml"), "run", f"{url}/openapi.json"),
+                *("-H", f"Authorization: Bearer {STORE_KEY}", "--phases", "stateful", "--checks", "all"),
+                *("--exclude-checks", "positive_data_acceptance", "--seed", "1"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        assert shopper.returncode == 0, shopper.stdout[-6000:] + shopper.stderr[-2000:]
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {OPS_KEY}"}) as c:
+            fuzzed = (await c.get("/v1/sales/fuzz/progress")).json()["items"][0]
         # positive_data_acceptance is left out: the API has rules JSON Schema cannot say
         # (ends_at after starts_at, one item per sku), so some schema-valid bodies are rightly 422.
         run = subprocess.run(
@@ -65,4 +82,7 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
             timeout=240,
             env={**os.environ, "NO_COLOR": "1"},
         )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    # The stateful phase reached the core: holds made on the live sale, some confirmed or cancelled.
+    assert fuzzed["reservations"] > 0, shopper.stdout[-3000:]
+    assert fuzzed["confirmed"] + fuzzed["released"] > 0, shopper.stdout[-3000:]

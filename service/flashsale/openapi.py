@@ -336,17 +336,18 @@ def _link(paths: dict[str, Any]) -> None:
     hook = {"webhook_id": "$response.body#/id"}
     first_sku = "$response.body#/items/0/sku"
     Link = tuple[str, str, dict[str, str], dict[str, Any] | None]  # to path, method, parameters, body
+    buy: dict[str, Link] = {
+        "Reserve": ("/v1/sales/{sale_id}/reservations", "post", sale, {"user_id": "shopper", "sku": first_sku}),
+        "CreateCart": (
+            "/v1/sales/{sale_id}/carts",
+            "post",
+            sale,
+            {"user_id": "shopper", "lines": [{"sku": first_sku, "quantity": 1}]},
+        ),
+    }
     made: dict[tuple[str, str, str], dict[str, Link]] = {
-        ("/v1/sales", "post", "201"): {
-            "GetSale": ("/v1/sales/{sale_id}", "get", sale, None),
-            "Reserve": ("/v1/sales/{sale_id}/reservations", "post", sale, {"user_id": "shopper", "sku": first_sku}),
-            "CreateCart": (
-                "/v1/sales/{sale_id}/carts",
-                "post",
-                sale,
-                {"user_id": "shopper", "lines": [{"sku": first_sku, "quantity": 1}]},
-            ),
-        },
+        ("/v1/sales", "post", "201"): {"GetSale": ("/v1/sales/{sale_id}", "get", sale, None), **buy},
+        ("/v1/sales/{sale_id}", "get", "200"): buy,  # a live sale read: what a shopper does next
         ("/v1/webhooks", "post", "201"): {
             "Rotate": ("/v1/webhooks/{webhook_id}/rotate", "post", hook, {"previous_valid_s": 60}),
             "Deliveries": ("/v1/webhooks/{webhook_id}/deliveries", "get", hook, None),
