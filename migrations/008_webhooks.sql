@@ -28,4 +28,5 @@ CREATE TABLE webhook_deliveries (
 
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook_id, next_at) WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_newest ON webhook_deliveries (webhook_id, occurred_at DESC);
+CREATE INDEX webhook_deliveries_delivered ON webhook_deliveries (delivered_at) WHERE status = 'delivered';
 CREATE INDEX webhook_deliveries_undelivered ON webhook_deliveries (sale_id, status) WHERE status <> 'delivered';

@@ -51,6 +51,7 @@ RESERVATION_EVENTS = {
     "released": "reservation.released",
     "expired": "reservation.expired",
 }
+POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)  # the data itself: retrying won't help
 PG_ERRORS: tuple[type[Exception], ...] = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 LEASE_S = 30.0  # past the send's timeout: a row this long "being sent" lost its sender
 IDLE_S = 0.1
@@ -81,6 +82,12 @@ RETURNING d.webhook_id, d.event_id, d.payload, d.attempts, w.url, w.secret, w.pr
 """
 
 # An update from an older try (one that ran past its lease while another took the row) changes nothing.
+# Delivered rows are kept a week (what was sent, for ops to look at), then dropped; dead ones stay.
+PRUNE = """
+DELETE FROM webhook_deliveries WHERE status = 'delivered' AND delivered_at < now() - interval '7 days'
+"""
+PRUNE_EVERY_S = 60.0
+
 DELIVERED = """
 UPDATE webhook_deliveries SET status = 'delivered', delivered_at = now(), last_error = NULL
 WHERE webhook_id = $1 AND event_id = $2 AND status = 'pending' AND attempts = $3
@@ -153,6 +160,7 @@ class Dispatcher:
     _in_flight: dict[str, int] = field(default_factory=dict)  # webhook id -> its deliveries being sent
     _hooks: list[str] = field(default_factory=list)  # the registered webhooks' ids, read once a second
     _hooks_at: float = 0.0
+    _pruned_at: float = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("webhook dispatcher started", extra={"consumer": self.name})
@@ -219,18 +227,32 @@ class Dispatcher:
         for entry_id, fields in entries:
             try:
                 made = reservation_event(sale_id, fields)
-            except (KeyError, ValueError) as exc:  # the persister dead-letters it; nothing to send
+                at = int(fields["at_ms"])
+            except (KeyError, ValueError, OverflowError, OSError) as exc:  # the persister dead-letters it
                 log.error("entry with no webhook event", extra={"entry_id": entry_id, "error": repr(exc)})
                 continue
             if made is not None:
                 kind, body = made
                 event_id = f"evt_{slot}_{entry_id}"
-                at = int(fields["at_ms"])
                 events.append({"event_id": event_id, "sale_id": sale_id, "type": kind, "payload": body, "at_ms": at})
-        if events:
-            await self.pool.execute(ENQUEUE, msgspec.json.encode(events).decode())
+        await self.enqueue(events)
         await self.redis.xack(stream, WEBHOOKS, *(e[0] for e in entries))
         self.enqueued += len(events)
+
+    async def enqueue(self, events: list[dict[str, str | int]]) -> None:
+        """The events' rows in one statement; if Postgres refuses the data, one by one, and an event
+        it still refuses is logged and left out (retrying cannot help, and it would hold up the rest)."""
+        if not events:
+            return
+        try:
+            await self.pool.execute(ENQUEUE, msgspec.json.encode(events).decode())
+            return
+        except POISON:
+            if len(events) == 1:
+                log.error("webhook event refused by postgres, not sent", extra={"event_id": events[0]["event_id"]})
+                return
+        for event in events:
+            await self.enqueue([event])
 
     # -- the sale events, from the sales' status
 
@@ -252,16 +274,18 @@ class Dispatcher:
                 sale = await sales.view(sale_id)
             except ApiError:  # gone between the listing and the read
                 continue
-            # Live from its start, or from its making if it was made with a start gone by.
-            made = int(cast(str, await self.redis.hget(self.keys.sale(sale_id), "created_ms") or 0))
-            starts = max(int(sale.starts_at.timestamp() * 1000), made)
+            made, changed, state = await self.redis.hmget(self.keys.sale(sale_id), "created_ms", "changed_ms", "state")
+            # Live from its start, or from its making if it was made with a start gone by; ended
+            # when ops ended it (its last change), else at its end.
+            starts = max(int(sale.starts_at.timestamp() * 1000), int(made or 0))
+            ends = int(changed or now) if state == "ended" else int(sale.ends_at.timestamp() * 1000)
             due = []
             if sale.status in ("live", "sold_out") or (sale.status == "paused" and now >= starts):
                 due.append(("sale.started", starts))
             if sale.status == "sold_out":
                 due.append(("sale.sold_out", now))
             if sale.status == "ended":
-                due.append(("sale.ended", min(now, int(sale.ends_at.timestamp() * 1000))))
+                due.append(("sale.ended", min(now, ends)))
             for kind, at in due:
                 if (sale_id, kind) not in self._seen:
                     body = sale_event(kind, sale_id, sale.status, at)
@@ -270,7 +294,7 @@ class Dispatcher:
                         {"event_id": event_id, "sale_id": sale_id, "type": kind, "payload": body, "at_ms": at}
                     )
         if events:
-            await self.pool.execute(ENQUEUE, msgspec.json.encode(events).decode())
+            await self.enqueue(events)
             self._seen.update((str(e["sale_id"]), str(e["type"])) for e in events)
             for e in events:  # the persister retires a sale only once its end is in the outbox
                 if e["type"] == "sale.ended":
@@ -294,6 +318,10 @@ class Dispatcher:
                     task.add_done_callback(sending.discard)
                 if not claimed:
                     await _wait(stop, IDLE_S)
+                if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                    self._pruned_at = time.monotonic()
+                    with contextlib.suppress(*PG_ERRORS):
+                        await self.pool.execute(PRUNE)
         finally:  # a grace to finish; the rest are cancelled, and their leases run out
             if sending:
                 _, late = await asyncio.wait(sending, timeout=SHUTDOWN_GRACE_S)
