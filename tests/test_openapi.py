@@ -83,6 +83,7 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_spec(
             env={**os.environ, "NO_COLOR": "1"},
         )
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    # The stateful phase reached the core: holds made on the live sale, some confirmed or cancelled.
+    # The stateful phase reached the core: holds on the live sale, and, through the links from a
+    # hold (its id is nowhere else), some of them confirmed or cancelled (holds last 600 s: none expired).
     assert fuzzed["reservations"] > 0, shopper.stdout[-3000:]
-    assert fuzzed["confirmed"] + fuzzed["released"] > 0, shopper.stdout[-3000:]
+    assert fuzzed["confirmed"] + fuzzed["cancelled"] > 0, shopper.stdout[-3000:]

@@ -281,6 +281,22 @@ async def test_a_sale_over_with_no_hold_and_nothing_queued_leaves_the_active_set
     assert (await client.get(f"/v1/sales/{sale['id']}")).json()["status"] == "ended"
 
 
+async def test_a_sale_is_retired_only_once_its_sale_ended_is_in_the_webhooks_outbox(
+    client: httpx.AsyncClient, redis: Redis, keys: Keys, worker: Persister
+) -> None:
+    now = datetime.now(UTC)
+    sale = await create_sale(client, ends_at=(now + timedelta(seconds=0.5)).isoformat(), hold_seconds=1)
+    await wait_retired(redis, keys, sale["id"])
+    assert await redis.hget(keys.sale(sale["id"]), "ended_told") == "1"  # set by the dispatcher beside it
+
+
+async def test_an_active_entry_whose_sale_is_gone_is_retired_all_the_same(
+    redis: Redis, keys: Keys, worker: Persister
+) -> None:
+    await redis.zadd(keys.active, {"lost-sale": 1})  # a sale whose keys a lost master took with it
+    await wait_retired(redis, keys, "lost-sale")
+
+
 async def test_ending_a_retired_sale_still_reaches_postgres(
     client: httpx.AsyncClient, redis: Redis, keys: Keys, pg: asyncpg.Connection, worker: Persister
 ) -> None:

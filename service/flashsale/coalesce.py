@@ -76,7 +76,11 @@ class Coalescer:
         # Only the calls Redis did not run wait for the reload: the others have their answers, and a
         # reload that fails must not turn a hold that was made into an error.
         try:
-            for sha, key in {(args[1], _first_key(args)) for args, _ in again}:
+            wanted: dict[tuple[str, str | None], str | None] = {}  # (sha, master) -> a key on it
+            for args, _ in again:
+                key = _first_key(args)
+                wanted.setdefault((str(args[1]), self._master(key)), key)
+            for (sha, _), key in wanted.items():
                 if sha not in self.sources:
                     raise NoScriptError(f"no source for script {sha!r}")
                 await self._load(self.sources[sha], key)
@@ -87,6 +91,13 @@ class Coalescer:
                 raise
             return
         _deliver([(f, r) for (_, f), r in zip(again, replies, strict=True)])
+
+    def _master(self, key: str | None) -> str | None:
+        """The name of the master a key lives on (a cluster), else None: one load per master."""
+        if isinstance(self.redis, RedisCluster) and key is not None:
+            node = self.redis.get_node_from_key(key)
+            return None if node is None else str(node.name)
+        return None
 
     async def _load(self, source: str, key: str | None) -> None:
         """SCRIPT LOAD where the call goes: on a cluster, only the master of its first key, so

@@ -6,7 +6,7 @@ The rows are an outbox. An entry is XACKed only once its rows are committed, and
 delivered only once its endpoint said 2xx: every event is delivered at least once, through any
 crash (a row being sent has a lease; if its sender dies, the lease runs out and another sends it).
 A failed try is tried again after ``webhook_retry_s`` (with jitter), then dead-lettered. An endpoint
-that is slow or down holds up only its own rows: it has at most ``webhook_concurrency`` in flight,
+that is slow or down holds up only its own rows: it has at most ``webhook_concurrency`` in flight per worker,
 and the reading never waits for a send, so neither persistence nor another endpoint slows down.
 
 ``sale.started``, ``sale.sold_out`` and ``sale.ended`` have no entry of their own: they are seen in
@@ -52,6 +52,7 @@ RESERVATION_EVENTS = {
     "expired": "reservation.expired",
 }
 POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)  # the data itself: retrying won't help
+SKIPPED: tuple[type[Exception], ...] = (ApiError, *connection.ERRORS)  # a sale the watch passes over this time
 PG_ERRORS: tuple[type[Exception], ...] = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 LEASE_S = 30.0  # past the send's timeout: a row this long "being sent" lost its sender
 IDLE_S = 0.1
@@ -71,12 +72,15 @@ ON CONFLICT DO NOTHING
 # Due rows, leased to this sender (attempts counted as the try begins: the attempt number is the
 # lease), at most as many of each endpoint as it has room for here: $1 the endpoints, $2 their room.
 CLAIM = """
+WITH picked AS MATERIALIZED (
+    SELECT due.webhook_id, due.event_id
+    FROM unnest($1::text[], $2::int[]) AS room (webhook_id, n)
+    CROSS JOIN LATERAL (SELECT x.webhook_id, x.event_id FROM webhook_deliveries x
+                        WHERE x.webhook_id = room.webhook_id AND x.status = 'pending' AND x.next_at <= now()
+                        ORDER BY x.next_at LIMIT room.n FOR UPDATE SKIP LOCKED) due
+)
 UPDATE webhook_deliveries d SET next_at = now() + make_interval(secs => $3), attempts = d.attempts + 1
-FROM (SELECT due.webhook_id, due.event_id
-      FROM unnest($1::text[], $2::int[]) AS room (webhook_id, n)
-      CROSS JOIN LATERAL (SELECT x.webhook_id, x.event_id FROM webhook_deliveries x
-                          WHERE x.webhook_id = room.webhook_id AND x.status = 'pending' AND x.next_at <= now()
-                          ORDER BY x.next_at LIMIT room.n FOR UPDATE SKIP LOCKED) due) picked, webhooks w
+FROM picked, webhooks w
 WHERE d.webhook_id = picked.webhook_id AND d.event_id = picked.event_id AND w.id = d.webhook_id
 RETURNING d.webhook_id, d.event_id, d.payload, d.attempts, w.url, w.secret, w.previous_secret, w.previous_until
 """
@@ -268,38 +272,49 @@ class Dispatcher:
     async def watch_step(self, sales: Sales) -> None:
         now = int(time.time() * 1000)
         events: list[dict[str, str | int]] = []
+        ended: list[str] = []  # sales whose sale.ended goes into the outbox in this pass
         active = set(cast(list[str], await self.redis.zrange(self.keys.active, 0, -1)))
         for sale_id in active:
             try:
-                sale = await sales.view(sale_id)
-            except ApiError:  # gone between the listing and the read
+                due, told = await self._sale_events(sales, sale_id, now)
+            except SKIPPED as exc:  # gone, or its master down: the others go on
+                log.debug("sale skipped by the webhook watch: %r", exc)
                 continue
-            made, changed, state = await self.redis.hmget(self.keys.sale(sale_id), "created_ms", "changed_ms", "state")
-            # Live from its start, or from its making if it was made with a start gone by; ended
-            # when ops ended it (its last change), else at its end.
-            starts = max(int(sale.starts_at.timestamp() * 1000), int(made or 0))
-            ends = int(changed or now) if state == "ended" else int(sale.ends_at.timestamp() * 1000)
-            due = []
-            if sale.status in ("live", "sold_out") or (sale.status == "paused" and now >= starts):
-                due.append(("sale.started", starts))
-            if sale.status == "sold_out":
-                due.append(("sale.sold_out", now))
-            if sale.status == "ended":
-                due.append(("sale.ended", min(now, ends)))
-            for kind, at in due:
-                if (sale_id, kind) not in self._seen:
-                    body = sale_event(kind, sale_id, sale.status, at)
-                    event_id = f"evt_{sale_id}_{kind}"
-                    events.append(
-                        {"event_id": event_id, "sale_id": sale_id, "type": kind, "payload": body, "at_ms": at}
-                    )
+            for kind, at, status in due:
+                if (sale_id, kind) in self._seen and not (kind == "sale.ended" and not told):
+                    continue
+                event: dict[str, str | int] = {"event_id": f"evt_{sale_id}_{kind}", "sale_id": sale_id, "type": kind}
+                event |= {"payload": sale_event(kind, sale_id, status, at), "at_ms": at}
+                events.append(event)
+                if kind == "sale.ended":
+                    ended.append(sale_id)
         if events:
             await self.enqueue(events)
+            for sale_id in ended:  # the persister retires a sale only once its end is in the outbox
+                await self.redis.hset(self.keys.sale(sale_id), "ended_told", "1")
             self._seen.update((str(e["sale_id"]), str(e["type"])) for e in events)
-            for e in events:  # the persister retires a sale only once its end is in the outbox
-                if e["type"] == "sale.ended":
-                    await self.redis.hset(self.keys.sale(str(e["sale_id"])), "ended_told", "1")
         self._seen = {(s, k) for s, k in self._seen if s in active}
+
+    async def _sale_events(self, sales: Sales, sale_id: str, now: int) -> tuple[list[tuple[str, int, str]], bool]:
+        """The sale events that have happened to a sale, as (type, at ms, status), and whether its
+        hash says sale.ended is in the outbox already. Started comes from the times (a dispatcher
+        that was down for the whole window still sends it); sold out only once the sale is open."""
+        sale = await sales.view(sale_id)
+        made, changed, state, told = await self.redis.hmget(
+            self.keys.sale(sale_id), "created_ms", "changed_ms", "state", "ended_told"
+        )
+        # Live from its start, or from its making if it was made with a start gone by; ended
+        # when ops ended it (its last change), else at its end.
+        starts = max(int(sale.starts_at.timestamp() * 1000), int(made or 0))
+        ends = int(changed or now) if state == "ended" else int(sale.ends_at.timestamp() * 1000)
+        due: list[tuple[str, int, str]] = []
+        if now >= starts and (sale.status != "ended" or ends > starts):
+            due.append(("sale.started", starts, sale.status))
+        if sale.status == "sold_out" and now >= starts:
+            due.append(("sale.sold_out", now, sale.status))
+        if sale.status == "ended":
+            due.append(("sale.ended", min(now, ends), sale.status))
+        return due, bool(told)
 
     # -- from rows to endpoints
 

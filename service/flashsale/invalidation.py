@@ -36,11 +36,16 @@ async def listen(redis: Client, channel: str, verdicts: Verdicts, stop: asyncio.
     """Until ``stop`` is set, and not a moment longer: a read waits up to a second for a message,
     so the listening is cancelled when ``stop`` comes (a process stopping, a test's app)."""
     listening = asyncio.create_task(_listen(redis, channel, verdicts, stop), name="invalidation-listen")
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if listening.done():  # it never ends by itself: a bug; its error goes to the app's log
+            verdicts.channel(up=False)
+            listening.result()
     finally:
-        listening.cancel()
-        await asyncio.gather(listening, return_exceptions=True)
+        for task in (listening, stopping):
+            task.cancel()
+        await asyncio.gather(listening, stopping, return_exceptions=True)
 
 
 async def _listen(redis: Client, channel: str, verdicts: Verdicts, stop: asyncio.Event) -> None:

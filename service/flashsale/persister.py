@@ -231,7 +231,8 @@ class Persister:
                     pipe.hlen(self.keys.moves(slot))  # a move a crash cut short: the sweeper must finish it
             if any(await pipe.execute()):
                 continue
-            if not await self.redis.hget(self.keys.sale(sale_id), "ended_told"):
+            state, told = await self.redis.hmget(self.keys.sale(sale_id), "state", "ended_told")
+            if state is not None and not told:
                 continue  # the webhooks' sale.ended is not in their outbox yet (dispatch.py)
             stream = self.keys.events(sale_id)  # made with its groups by sale_create
             if await self.redis.exists(stream) and any(
@@ -391,7 +392,7 @@ class Persister:
         # reads is pending at the second, so the floor never passes an entry not yet acknowledged.
         floors = []
         groups = await self.redis.xinfo_groups(stream)
-        if {g["name"] for g in groups} < {GROUP, WEBHOOKS}:
+        if not {GROUP, WEBHOOKS} <= {g["name"] for g in groups}:
             return  # a stream older than the webhooks, whose group the dispatcher has yet to make
         for group in groups:
             summary = await self.redis.xpending(stream, group["name"])
