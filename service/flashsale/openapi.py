@@ -179,7 +179,7 @@ def _admin_paths() -> dict[str, Any]:
 def _webhook_paths() -> dict[str, Any]:
     """Paths of webhooks.ROUTES."""
     webhook = _path("webhook_id", "^wh_[A-Za-z0-9_-]{22}$")
-    event = _path("event_id", "^evt_\\S{1,200}$")
+    event = _path("event_id", "^evt_[A-Za-z0-9_.~-]{1,200}$")
     status = {
         "name": "status",
         "in": "query",
