@@ -5,13 +5,20 @@
 -- KEYS[i]       item hash fs:{S}:item:SKU of the i-th count (an item may come more than once)
 -- ARGV[2i-1]    the i-th count's refusal code (the field is rej:CODE)
 -- ARGV[2i]      how many
--- Returns how many increments Redis refused (a counter that is not a number): retrying cannot help
-local refused = 0
+-- Returns how many increments were left out because their counter is not a number (retrying
+-- cannot help). Every counter is checked before the first write, so an error at a write (out of
+-- memory) fails the whole call with nothing written, and the caller keeps the counts for later.
+local refused, good = 0, {}
 for i, key in ipairs(KEYS) do
-  local n = ARGV[2 * i]
+  local fine = true
   for _, field in ipairs({'attempts', 'rej:' .. ARGV[2 * i - 1]}) do
-    local r = redis.pcall('HINCRBY', key, field, n)
-    if type(r) == 'table' and r.err then refused = refused + 1 end
+    local v = redis.call('HGET', key, field)
+    if v and not string.match(v, '^%-?%d+$') then fine = false end
   end
+  if fine then good[#good + 1] = i else refused = refused + 2 end
+end
+for _, i in ipairs(good) do
+  redis.call('HINCRBY', KEYS[i], 'attempts', ARGV[2 * i])
+  redis.call('HINCRBY', KEYS[i], 'rej:' .. ARGV[2 * i - 1], ARGV[2 * i])
 end
 return refused

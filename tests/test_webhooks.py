@@ -314,15 +314,18 @@ async def test_the_stream_keeps_what_the_webhooks_have_not_taken_yet(
     await until(lambda: alone.written >= 2)
     await alone.trim(stream)
     kept = await redis.xlen(stream)
+    untaken = (await client.get(f"/v1/sales/{sale}/progress", headers=OPS)).json()["webhooks_backlog"]
     async with dispatching(fast, redis) as dispatcher:
         await until(lambda: dispatcher.enqueued >= 1)
         await asyncio.sleep(0.2)
         await alone.trim(stream)
         left = await redis.xlen(stream)
+        taken = (await client.get(f"/v1/sales/{sale}/progress", headers=OPS)).json()["webhooks_backlog"]
     stop.set()
     await running
     await pool.close()
     assert kept == 2  # the sale's document and the hold: persisted, but not yet taken for webhooks
+    assert (untaken, taken) == (2, 0)  # and progress says so, until a dispatcher took them
     assert left == 1  # both groups done: trimmed to the last entry (XTRIM MINID keeps the floor)
     assert WEBHOOKS in {g["name"] for g in await redis.xinfo_groups(stream)}
 

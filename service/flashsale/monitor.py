@@ -38,7 +38,7 @@ from . import connection, metrics, shards, waiting
 from .audit import conservation, drift
 from .connection import Client
 from .errors import ApiError
-from .keys import WORKER_TTL_MS, Keys
+from .keys import WEBHOOKS, WORKER_TTL_MS, Keys
 from .queue import backlog
 from .sales import instant, now_ms, sale_status
 from .schemas import (
@@ -172,8 +172,9 @@ class Monitor:
         if self.tally is not None:
             await self.tally.flush()
         at, status, items, audited, slots = await self._snapshot(sale_id)
-        queue, persisted, hooks, workers, room = await asyncio.gather(
+        queue, untaken, persisted, hooks, workers, room = await asyncio.gather(
             backlog(self.redis, self.keys, sale_id, slots),
+            backlog(self.redis, self.keys, sale_id, slots, WEBHOOKS),
             self._persisted(sale_id),
             self._webhooks(sale_id),
             self.workers_alive(),
@@ -212,6 +213,7 @@ class Monitor:
             ],
             queue=room,
             webhooks=hooks,
+            webhooks_backlog=untaken.events,
         )
 
     async def _snapshot(self, sale_id: str) -> tuple[int, SaleStatus, list[ItemProgress], list[str], list[str]]:

@@ -312,6 +312,7 @@ class SaleProgress(Struct):
     drift: list[str] = msgspec.field(default_factory=list)
     queue: QueueProgress | None = None  # the sale's waiting room, if it has one
     webhooks: WebhookCounts | None = None  # its webhook deliveries not yet done; null when Postgres did not answer
+    webhooks_backlog: int = 0  # its events the webhooks' dispatcher has not taken yet (a stuck one shows here)
 
 
 WebhookEvent = Literal[
