@@ -1,9 +1,10 @@
 """Ops endpoints that watch sales: progress, its live stream, the dashboard and /metrics.
 
 A progress document is a few Redis reads (one script reading the sale and its item hashes
-atomically, the queue backlog), one COUNT in Postgres and a cached count of persister heartbeats. Rates come
-from a ring per sale of the counters as they were about once a second, kept in this process;
-the counters live in Redis, so every API process computes the same rates.
+atomically, the backlogs of the persister and the webhooks), two COUNTs in Postgres (rows, webhook
+deliveries not done) and a cached count of persister heartbeats. Rates come from a ring per
+sale of the counters as they were about once a second, kept in this process; the counters live
+in Redis, so every API process computes the same rates.
 
 Streams of one sale share one ticker: it computes the document once a second, encodes it
 once, and every stream of that sale sends those same bytes. The ticker starts with the first
@@ -38,8 +39,8 @@ from . import connection, metrics, shards, waiting
 from .audit import conservation, drift
 from .connection import Client
 from .errors import ApiError
-from .keys import WEBHOOKS, WORKER_TTL_MS, Keys
-from .queue import backlog
+from .keys import GROUP, WEBHOOKS, WORKER_TTL_MS, Keys
+from .queue import backlogs
 from .sales import instant, now_ms, sale_status
 from .schemas import (
     Error,
@@ -172,9 +173,8 @@ class Monitor:
         if self.tally is not None:
             await self.tally.flush()
         at, status, items, audited, slots = await self._snapshot(sale_id)
-        queue, untaken, persisted, hooks, workers, room = await asyncio.gather(
-            backlog(self.redis, self.keys, sale_id, slots),
-            backlog(self.redis, self.keys, sale_id, slots, WEBHOOKS),
+        (queue, untaken), persisted, hooks, workers, room = await asyncio.gather(
+            backlogs(self.redis, self.keys, sale_id, slots, (GROUP, WEBHOOKS)),
             self._persisted(sale_id),
             self._webhooks(sale_id),
             self.workers_alive(),

@@ -29,7 +29,7 @@ from . import connection, metrics
 from .audit import Auditor
 from .connection import Client
 from .keys import GROUP, WEBHOOKS, Keys
-from .queue import Entry, active_streams, backlog, claim_idle, read_new
+from .queue import Entry, active_streams, backlogs, claim_idle, read_new
 from .sales import now_ms
 from .schemas import SaleDoc
 from .scripts import Script, Scripts
@@ -236,7 +236,7 @@ class Persister:
                 continue  # the webhooks' sale.ended is not in their outbox yet (dispatch.py)
             stream = self.keys.events(sale_id)  # made with its groups by sale_create
             if await self.redis.exists(stream) and any(
-                [(await backlog(self.redis, self.keys, sale_id, extra, group)).events for group in (GROUP, WEBHOOKS)]
+                b.events for b in await backlogs(self.redis, self.keys, sale_id, extra, (GROUP, WEBHOOKS))
             ):
                 continue  # an event not yet in Postgres, or not yet taken for the webhooks
             if await self._retire(keys=[self.keys.active], args=[sale_id, int(until)]):

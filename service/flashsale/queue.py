@@ -92,32 +92,48 @@ def _id_ms(entry_id: str) -> int:
 async def backlog(redis: Client, keys: Keys, sale_id: str, extra: Sequence[str] = (), group: str = GROUP) -> Backlog:
     """The sale's backlog for ``group`` (the persister's unless named) over its own stream and
     those of its ``extra`` slots (shards.py)."""
-    events, oldest = 0, []
+    return (await backlogs(redis, keys, sale_id, extra, (group,)))[0]
+
+
+async def backlogs(
+    redis: Client, keys: Keys, sale_id: str, extra: Sequence[str], groups: Sequence[str]
+) -> list[Backlog]:
+    """The sale's backlog for each of ``groups``, in their order, from one read of each stream's
+    groups and one of its dead letters."""
+    events, oldest = [0] * len(groups), [list[int]() for _ in groups]
     for slot in (sale_id, *extra):
-        n, first = await _stream(redis, keys.events(slot), group)
-        events += n
-        oldest += first
+        for i, (n, first) in enumerate(await _stream(redis, keys.events(slot), groups)):
+            events[i] += n
+            oldest[i] += first
     dead = int(await redis.xlen(keys.dead(sale_id)))
-    age = max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0
-    return Backlog(events=events, oldest_age_s=age, dead_lettered=dead)
+    now = now_ms()
+    return [
+        Backlog(events=n, oldest_age_s=max(0.0, (now - min(o)) / 1000) if o else 0.0, dead_lettered=dead)
+        for n, o in zip(events, oldest, strict=True)
+    ]
 
 
-async def _stream(redis: Client, stream: str, group: str) -> tuple[int, list[int]]:
-    """Events of one stream ``group`` is not done with, and the time of the oldest (none: []). A
-    stream that is not there (an extra slot its master lost) has none."""
+async def _stream(redis: Client, stream: str, groups: Sequence[str]) -> list[tuple[int, list[int]]]:
+    """Per group, the events of one stream it is not done with, and the time of the oldest (none:
+    []). A stream that is not there (an extra slot its master lost) has none."""
     # No MULTI (redis-py's cluster MULTI runs each queued command on an event loop of its own,
-    # which breaks the client after a failover), and none needed: the group is read before the
-    # pending list, so an entry delivered in between is counted twice, never none.
+    # which breaks the client after a failover), and none needed: the groups are read before the
+    # pending lists, so an entry delivered in between is counted twice, never none.
     pipe = redis.pipeline(transaction=False)
     pipe.exists(stream)
     pipe.xinfo_groups(stream)
-    pipe.xpending(stream, group)
-    there, groups, pending = await pipe.execute(raise_on_error=False)  # one round trip, gone or not
+    for group in groups:
+        pipe.xpending(stream, group)
+    there, info, *pendings = await pipe.execute(raise_on_error=False)  # one round trip, gone or not
     if not there:
-        return 0, []
-    if isinstance(groups, Exception):
-        raise groups
-    found = next((g for g in groups if g["name"] == group), None)
+        return [(0, []) for _ in groups]
+    if isinstance(info, Exception):
+        raise info
+    return [await _group(redis, stream, info, group, pending) for group, pending in zip(groups, pendings, strict=True)]
+
+
+async def _group(redis: Client, stream: str, info: list[Any], group: str, pending: Any) -> tuple[int, list[int]]:
+    found = next((g for g in info if g["name"] == group), None)
     if found is None:  # a stream older than the group (the webhooks'): it has taken nothing yet
         first = cast(list[tuple[str, object]], await redis.xrange(stream, "-", "+", count=1))
         return int(await redis.xlen(stream)), [_id_ms(first[0][0])] if first else []
