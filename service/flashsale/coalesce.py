@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -76,14 +77,14 @@ class Coalescer:
         # Only the calls Redis did not run wait for the reload: the others have their answers, and a
         # reload that fails must not turn a hold that was made into an error.
         try:
-            wanted: dict[tuple[str, str | None], str | None] = {}  # (sha, master) -> a key on it
+            wanted: dict[tuple[str, str | None], ClusterNode | None] = {}  # (sha, master's name) -> that master
             for args, _ in again:
-                key = _first_key(args)
-                wanted.setdefault((str(args[1]), self._master(key)), key)
-            for (sha, _), key in wanted.items():
+                node = self._master(args)
+                wanted.setdefault((str(args[1]), None if node is None else node.name), node)
+            for (sha, _), node in wanted.items():
                 if sha not in self.sources:
                     raise NoScriptError(f"no source for script {sha!r}")
-                await self._load(self.sources[sha], key)
+                await self._load(self.sources[sha], node)
             replies = await self._pipeline([args for args, _ in again])
         except BaseException as exc:
             _fail(again, exc)
@@ -92,18 +93,17 @@ class Coalescer:
             return
         _deliver([(f, r) for (_, f), r in zip(again, replies, strict=True)])
 
-    def _master(self, key: str | None) -> str | None:
-        """The name of the master a key lives on (a cluster), else None: one load per master."""
-        if isinstance(self.redis, RedisCluster) and key is not None:
-            node = self.redis.get_node_from_key(key)
-            return None if node is None else str(node.name)
+    def _master(self, args: Args) -> ClusterNode | None:
+        """On a cluster, the master an EVALSHA call goes to (that of its first key); else None."""
+        if isinstance(self.redis, RedisCluster) and int(args[2]) > 0:
+            return self.redis.get_node_from_key(str(args[3]))
         return None
 
-    async def _load(self, source: str, key: str | None) -> None:
-        """SCRIPT LOAD where the call goes: on a cluster, only the master of its first key, so
-        that a master down elsewhere does not fail the load (redis-py would send it to all)."""
-        if isinstance(self.redis, RedisCluster) and key is not None:
-            await self.redis.execute_command("SCRIPT LOAD", source, target_nodes=self.redis.get_node_from_key(key))
+    async def _load(self, source: str, node: ClusterNode | None) -> None:
+        """SCRIPT LOAD where the call goes: on a cluster, only its master, so that a master down
+        elsewhere does not fail the load (redis-py would send it to all)."""
+        if node is not None:
+            await self.redis.execute_command("SCRIPT LOAD", source, target_nodes=node)
         else:
             await self.redis.script_load(source)
 
@@ -129,11 +129,6 @@ class Coalescer:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
-
-
-def _first_key(args: Args) -> str | None:
-    """The first key of an EVALSHA call (sha, number of keys, keys..., args...), if it has one."""
-    return str(args[3]) if int(args[2]) > 0 else None
 
 
 def _deliver(answers: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
