@@ -38,7 +38,7 @@ from .connection import Client
 from .errors import ApiError
 from .keys import WEBHOOKS, Keys
 from .queue import Entry, active_streams, claim_idle, read_new
-from .sales import Sales
+from .sales import Sales, instant, now_ms
 from .scripts import Scripts
 from .settings import Settings
 from .signing import headers, signing_secrets
@@ -85,13 +85,13 @@ WHERE d.webhook_id = picked.webhook_id AND d.event_id = picked.event_id AND w.id
 RETURNING d.webhook_id, d.event_id, d.payload, d.attempts, w.url, w.secret, w.previous_secret, w.previous_until
 """
 
-# An update from an older try (one that ran past its lease while another took the row) changes nothing.
 # Delivered rows are kept a week (what was sent, for ops to look at), then dropped; dead ones stay.
 PRUNE = """
 DELETE FROM webhook_deliveries WHERE status = 'delivered' AND delivered_at < now() - interval '7 days'
 """
 PRUNE_EVERY_S = 60.0
 
+# An update from an older try (one that ran past its lease while another took the row) changes nothing.
 DELIVERED = """
 UPDATE webhook_deliveries SET status = 'delivered', delivered_at = now(), last_error = NULL
 WHERE webhook_id = $1 AND event_id = $2 AND status = 'pending' AND attempts = $3
@@ -106,12 +106,8 @@ WHERE webhook_id = $1 AND event_id = $2 AND status = 'pending' AND attempts = $6
 
 class Event(msgspec.Struct):
     type: str
-    timestamp: str
+    timestamp: datetime
     data: dict[str, object]
-
-
-def _instant(ms: int | str) -> str:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
 def reservation_event(sale_id: str, fields: dict[str, str]) -> tuple[str, str] | None:
@@ -127,16 +123,16 @@ def reservation_event(sale_id: str, fields: dict[str, str]) -> tuple[str, str] |
         "user_id": fields["user"],
         "quantity": int(fields["qty"]),
         "status": fields["status"],
-        "created_at": _instant(fields["created_ms"]),
-        "expires_at": _instant(fields["expires_ms"]),
+        "created_at": instant(fields["created_ms"]),
+        "expires_at": instant(fields["expires_ms"]),
     }
     if fields.get("payment_ref"):
         data["payment_ref"] = fields["payment_ref"]
-    return kind, msgspec.json.encode(Event(kind, _instant(fields["at_ms"]), data)).decode()
+    return kind, msgspec.json.encode(Event(kind, instant(fields["at_ms"]), data)).decode()
 
 
 def sale_event(kind: str, sale_id: str, status: str, at_ms: int) -> str:
-    return msgspec.json.encode(Event(kind, _instant(at_ms), {"sale_id": sale_id, "status": status})).decode()
+    return msgspec.json.encode(Event(kind, instant(at_ms), {"sale_id": sale_id, "status": status})).decode()
 
 
 def retry_wait(settings: Settings, attempts: int) -> tuple[bool, float]:
@@ -270,7 +266,7 @@ class Dispatcher:
             await _wait(stop, 1.0)
 
     async def watch_step(self, sales: Sales) -> None:
-        now = int(time.time() * 1000)
+        now = now_ms()
         events: list[dict[str, str | int]] = []
         ended: list[str] = []  # sales whose sale.ended goes into the outbox in this pass
         active = set(cast(list[str], await self.redis.zrange(self.keys.active, 0, -1)))
@@ -281,8 +277,8 @@ class Dispatcher:
                 log.debug("sale skipped by the webhook watch: %r", exc)
                 continue
             for kind, at, status in due:
-                if (sale_id, kind) in self._seen and not (kind == "sale.ended" and not told):
-                    continue
+                if (sale_id, kind) in self._seen and (kind != "sale.ended" or told):
+                    continue  # enqueued already (sale.ended again until the hash says so)
                 event: dict[str, str | int] = {"event_id": f"evt_{sale_id}_{kind}", "sale_id": sale_id, "type": kind}
                 event |= {"payload": sale_event(kind, sale_id, status, at), "at_ms": at}
                 events.append(event)
@@ -375,14 +371,14 @@ class Dispatcher:
             self._in_flight[wid] -= 1
             if not self._in_flight[wid]:
                 del self._in_flight[wid]
-        dead, wait = retry_wait(self.settings, int(attempt))
+        dead, wait = (False, 0.0) if ok else retry_wait(self.settings, int(attempt))
         error = error[:ERROR_CHARS].replace("\x00", "\ufffd")  # Postgres text holds no NUL
         try:
             if ok:
                 await self.pool.execute(DELIVERED, wid, event_id, attempt)
                 self.sent += 1
-                return
-            await self.pool.execute(FAILED, wid, event_id, dead, wait, error, attempt)
+            else:
+                await self.pool.execute(FAILED, wid, event_id, dead, wait, error, attempt)
         except PG_ERRORS as exc:  # not recorded: the lease runs out and it is sent again
             log.warning("a delivery's outcome could not be recorded: %r", exc)
             return
