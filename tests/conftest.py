@@ -19,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 from redis.asyncio import Redis
+from starlette.types import ASGIApp
 
 from flashsale import db
 from flashsale.api import create_app
@@ -147,9 +148,16 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 @contextlib.asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[str]:
     """The real app under uvicorn on a free loopback port, in this event loop."""
+    async with serving_asgi(create_app(settings)) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def serving_asgi(app: ASGIApp) -> AsyncIterator[str]:
+    """An ASGI app under uvicorn on a free loopback port, in this event loop, until the block ends."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -194,17 +202,23 @@ async def persisting(settings: Settings, redis: Any) -> AsyncIterator[Persister]
     """What `flashsale worker` runs, in this process (on ``redis``, a plain or a cluster client)
     until the block ends: a persister, and beside it the webhooks' dispatcher (without it, no
     stream is trimmed and no sale retires: the webhooks group would never be done)."""
-    async with dispatching(settings, redis):
-        pool = await db.create_pool(settings.database_url, 2)
-        persister = Persister(redis, pool, Keys(settings.key_prefix), settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(persister.run(stop))
-        try:
-            yield persister
-        finally:
-            stop.set()
-            await task
-            await pool.close()
+    async with dispatching(settings, redis), persister_alone(settings, redis) as persister:
+        yield persister
+
+
+@contextlib.asynccontextmanager
+async def persister_alone(settings: Settings, redis: Any) -> AsyncIterator[Persister]:
+    """A persister with no dispatcher beside it, in this process, until the block ends."""
+    pool = await db.create_pool(settings.database_url, 2)
+    persister = Persister(redis, pool, Keys(settings.key_prefix), settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(persister.run(stop))
+    try:
+        yield persister
+    finally:
+        stop.set()
+        await task
+        await pool.close()
 
 
 @contextlib.asynccontextmanager

@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-import uvicorn
 from redis.asyncio import Redis
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks import WebhookVerificationError
@@ -26,12 +25,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flashsale import db
-from flashsale.embedded import free_port
 from flashsale.keys import WEBHOOKS, Keys
-from flashsale.persister import Persister
 from flashsale.settings import Settings
 
-from .conftest import OPS, create_sale, dispatching, persisting
+from .conftest import OPS, create_sale, dispatching, persister_alone, persisting, serving_asgi
 
 RESERVATION_EVENTS = ["reservation.created", "reservation.confirmed", "reservation.released", "reservation.expired"]
 SALE_EVENTS = ["sale.started", "sale.sold_out", "sale.ended"]
@@ -62,18 +59,8 @@ async def receiver(answer: Answer | None = None) -> AsyncIterator[tuple[str, lis
         got.append(r)
         return Response(status_code=await answer(r) if answer else 204)
 
-    port = free_port()
-    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/hook", got
-    finally:
-        server.should_exit = True
-        await task
+    async with serving_asgi(Starlette(routes=[Route("/hook", hook, methods=["POST"])])) as url:
+        yield f"{url}/hook", got
 
 
 @pytest.fixture
@@ -307,23 +294,17 @@ async def test_the_stream_keeps_what_the_webhooks_have_not_taken_yet(
     sale = (await create_sale(client))["id"]
     await reserve(client, sale, "ann")
     stream = keys.events(sale)
-    pool = await db.create_pool(fast.database_url, 1)
-    alone = Persister(redis, pool, keys, fast)  # no dispatcher beside it
-    stop = asyncio.Event()
-    running = asyncio.create_task(alone.run(stop))
-    await until(lambda: alone.written >= 2)
-    await alone.trim(stream)
-    kept = await redis.xlen(stream)
-    untaken = (await client.get(f"/v1/sales/{sale}/progress", headers=OPS)).json()["webhooks_backlog"]
-    async with dispatching(fast, redis) as dispatcher:
-        await until(lambda: dispatcher.enqueued >= 1)
-        await asyncio.sleep(0.2)
+    async with persister_alone(fast, redis) as alone:
+        await until(lambda: alone.written >= 2)
         await alone.trim(stream)
-        left = await redis.xlen(stream)
-        taken = (await client.get(f"/v1/sales/{sale}/progress", headers=OPS)).json()["webhooks_backlog"]
-    stop.set()
-    await running
-    await pool.close()
+        kept = await redis.xlen(stream)
+        untaken = (await client.get(f"/v1/sales/{sale}/progress", headers=OPS)).json()["webhooks_backlog"]
+        async with dispatching(fast, redis) as dispatcher:
+            await until(lambda: dispatcher.enqueued >= 1)
+            await asyncio.sleep(0.2)
+            await alone.trim(stream)
+            left = await redis.xlen(stream)
+            taken = (await client.get(f"/v1/sales/{sale}/progress", headers=OPS)).json()["webhooks_backlog"]
     assert kept == 2  # the sale's document and the hold: persisted, but not yet taken for webhooks
     assert (untaken, taken) == (2, 0)  # and progress says so, until a dispatcher took them
     assert left == 1  # both groups done: trimmed to the last entry (XTRIM MINID keeps the floor)
@@ -339,16 +320,10 @@ async def test_a_stream_made_before_webhooks_is_kept_whole_until_its_group_is_ma
         stream = keys.events(sale)
         await redis.xgroup_destroy(stream, WEBHOOKS)  # as a sale made by the version before
         await reserve(client, sale, "ann")
-        pool = await db.create_pool(fast.database_url, 1)
-        alone = Persister(redis, pool, keys, fast)
-        stop = asyncio.Event()
-        running = asyncio.create_task(alone.run(stop))
-        await until(lambda: alone.written >= 2)
-        await alone.trim(stream)
-        kept = await redis.xlen(stream)
-        stop.set()
-        await running
-        await pool.close()
+        async with persister_alone(fast, redis) as alone:
+            await until(lambda: alone.written >= 2)
+            await alone.trim(stream)
+            kept = await redis.xlen(stream)
         async with dispatching(fast, redis):
             await until(lambda: len(got) == 1)
     assert kept == 2  # not trimmed past what the webhooks group, not there yet, would have to take
