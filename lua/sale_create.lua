@@ -35,7 +35,7 @@ if ARGV[9] ~= '' then
   redis.call('HSET', KEYS[3], 'admit_per_s', ARGV[9], 'abandon_ms', ARGV[10], 'ttl_ms', ARGV[11],
     'seq', 0, 'joined', 0, 'admitted', 0, 'expired', 0, 'carry', 0)
 end
--- The group starts at 0 so the persister sees this sale's very first event.
+-- The groups start at 0 so that each sees this sale's very first event.
 for group in string.gmatch(ARGV[6], '[^,]+') do  -- the persister's and the webhooks'
   redis.call('XGROUP', 'CREATE', KEYS[2], group, '0', 'MKSTREAM')
 end
