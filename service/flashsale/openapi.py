@@ -195,9 +195,10 @@ def _webhook_paths() -> dict[str, Any]:
         params=[webhook],
     )
     rotate["requestBody"]["required"] = False
-    deleted = _op("Stop sending to the endpoint; its deliveries not yet sent are dropped", ok={}, role="ops")
-    deleted["responses"]["204"] = {"description": "deleted"}
-    deleted["parameters"] = [webhook]
+    deleted = _op(
+        "Stop sending to the endpoint; its deliveries not yet sent are dropped", ok={}, role="ops", params=[webhook]
+    )
+    deleted["responses"]["204"] = {"description": "deleted"}  # no body: none of _op's
     return {
         "/v1/webhooks": {
             "post": _op(
