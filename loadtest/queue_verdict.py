@@ -182,15 +182,17 @@ def judge(rec: Records, rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, An
         sold_out = confirmed[-1]
         late_admits = [m for m in moments if m > sold_out + PAUSE_SLACK_MS]
         told_waiting = [t for t in rec.tickets if (t.get("last_waiting_ms") or 0) > sold_out + CLOSE_SLACK_MS]
-        closed = sum(1 for t in rec.tickets if t["final"] == "closed" and t.get("reason") == "sold_out")
+        told = [t for t in rec.tickets if t["final"] == "closed" and t.get("reason") == "sold_out"]
+        closed = sum(1 for t in told if t.get("last_waiting_ms") is not None)  # in line when it closed
         summary["closed: sold out at"] = f"{(sold_out - opens) / 1000:+.1f} s"
-        summary["closed: tickets told sold_out"] = closed
+        summary["closed: waiting tickets told sold_out"] = closed
+        summary["closed: joins told sold_out"] = len(told) - closed
         summary["closed: told waiting after it"] = len(told_waiting)
         if late_admits:
             breaches.append(f"waiting room: {len(late_admits)} admitted after the stock sold out")
         if told_waiting:
             breaches.append(f"waiting room: {len(told_waiting)} tickets told 'waiting' after the sell-out")
-        if not closed and not any(s["closed"] == "sold_out" for s in rec.queue_samples):
+        if not told and not any(s["closed"] == "sold_out" for s in rec.queue_samples):
             breaches.append("waiting room: the queue did not close when the stock sold out")
     else:
         summary["closed: sold out at"] = "not in the run (close not tested)"

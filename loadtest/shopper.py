@@ -429,12 +429,17 @@ class Shopper(FastHttpUser):
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
-        self.user_id = f"{self.user_prefix}{next(_numbers)}"
-        if isinstance(environment.runner, WorkerRunner):  # each worker counts from 1: tell them apart
-            index = environment.runner.worker_index
-            self.user_id += f"-w{index if index >= 0 else os.getpid()}"
+        self.user_id = self.new_user_id()
         self.client.auth_header = f"Bearer {run().store_key}"
         self.done = False
+
+    def new_user_id(self) -> str:
+        """A user id no other shopper of the run has (a scenario may give one locust user several)."""
+        user_id = f"{self.user_prefix}{next(_numbers)}"
+        runner = self.environment.runner
+        if isinstance(runner, WorkerRunner):  # each worker counts from 1: tell them apart
+            user_id += f"-w{runner.worker_index if runner.worker_index >= 0 else os.getpid()}"
+        return user_id
 
     @property
     def records(self) -> Records:

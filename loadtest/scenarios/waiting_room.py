@@ -3,8 +3,9 @@
 60% of the crowd joins before ``starts_at``, the rest after. Two thirds keep polling as ``poll_after_s``
 says, and once admitted reserve with their Admission-Token, then pay, cancel or walk away (holds
 last 2 s, so units come back; told sold_out while every unit is held, they try again a few
-times); a third join and leave without ever polling. Two sneaks try to
-reserve without a token, with a forged one and with another user's, all along.
+times), and come back as new shoppers until the line is closed; a third join and leave without
+ever polling. Two sneaks try to reserve without a token, with a forged one and with another
+user's, all along.
 ``loadtest/queue_verdict.py`` then judges, from what the clients saw, the sale's progress read
 twice a second and Postgres: pre-start joiners admitted in an order that does not follow their
 join order (|Spearman| <= 0.3), later ones first come first admitted, admission never stalled by
@@ -45,15 +46,18 @@ STOLEN: list[str] = []  # tokens admitted users were given, for the sneaks to tr
 
 
 def stock_for(users: int) -> int:
-    """Seven units for every twenty users. Two thirds of the crowd wait, 60% of them before the
-    start: 0.4 of the crowd, who confirm exactly three in four (OUTCOMES), so they keep at most 0.3
-    and leave the later joiners 0.05 of it (15 units for 300 users), and those, 0.27 of the crowd,
-    are enough to hold every unit (admission pauses) and then to sell it out."""
+    """Seven units for every twenty users. Selling 105 units takes at least 140 holds, as three
+    holds in four are paid (OUTCOMES), each by another shopper (one unit each), so 140 or more are
+    admitted before the sell-out: the 120 to 150 waiters who join before the start first (ahead of
+    every later one in the line; the shuffle is judged on 100 or more), then later ones. The
+    waiters who come back keep the line full, so admission pauses while every unit is held and
+    someone is still waiting when the queue closes (three runs: 19 to 60 later joiners admitted,
+    7.9 to 9.0 s with every unit out, 129 to 174 waiting tickets told sold_out)."""
     return max(20, users * 7 // 20)
 
 
-# What an admitted shopper does with its hold, in exact shares (a random draw per shopper moves
-# the units the pre-start joiners keep by several, and with them whether later joiners get in).
+# What an admitted shopper does with its hold, in exact shares, so that the number of holds a
+# sell-out takes is known (stock_for).
 OUTCOMES = itertools.cycle(random.sample(["confirm"] * 15 + ["cancel"] * 3 + ["walk away"] * 2, 20))
 
 
@@ -151,7 +155,9 @@ def join_until_answered(shopper: Shopper, tries: int = 5) -> tuple[int, Answer]:
 
 
 class Waiter(Shopper):
-    """Joins, keeps its place by polling, and buys once admitted."""
+    """Joins, keeps its place by polling, and buys once admitted; then comes back as a new shopper
+    until told the line is closed, so that the crowd keeps arriving while there is something to
+    sell (a fixed crowd could all be let in before the sell-out, and no one be left to tell)."""
 
     weight = 2
     wait_time = constant(0)
@@ -161,10 +167,17 @@ class Waiter(Shopper):
         if self.done:
             self.idle()
             return
-        self.done = True
+        if self.queue_once() == "closed":
+            self.done = True
+            return
+        self.pause(0.3, 1.0)
+        self.user_id = self.new_user_id()
+
+    def queue_once(self) -> str:
+        """One shopper's way through the line: its ticket's final status ('' if it never joined)."""
         sent, joined = join_until_answered(self)
         if not joined.ok or joined.body is None:
-            return
+            return ""
         t = joined_ticket(self, sent, "waiting")
         ticket = joined.body
         while ticket["status"] == "waiting":
@@ -175,11 +188,14 @@ class Waiter(Shopper):
                 continue  # a 503 under load: ask again, the place is kept for abandon_after_s
             ticket = polled.body
         t["final"], t["reason"] = ticket["status"], ticket.get("reason")
-        if ticket["status"] != "admitted":
-            return
-        expires = datetime.fromisoformat(ticket["expires_at"]).timestamp() * 1000
-        t["admitted_ms"] = round(expires) - TOKEN_TTL_S * 1000
-        token = ticket["admission_token"]
+        if ticket["status"] == "admitted":
+            expires = datetime.fromisoformat(ticket["expires_at"]).timestamp() * 1000
+            t["admitted_ms"] = round(expires) - TOKEN_TTL_S * 1000
+            self.buy(ticket["admission_token"], expires)
+        return str(ticket["status"])
+
+    def buy(self, token: str, expires: float) -> None:
+        """Reserves with the admission token (valid until ``expires``, ms), then settles as OUTCOMES say."""
         STOLEN.append(token)
         a = self.reserve_until_answered(SKU, 1, token=token)
         for _ in range(RESERVE_TRIES):  # every unit held: units come back as holds end, try again
