@@ -9,6 +9,8 @@ import msgspec
 
 from . import __version__
 from .schemas import (
+    EVENT_ID_PATTERN,
+    WEBHOOK_ID_PATTERN,
     CancelIn,
     Cart,
     CartIn,
@@ -178,8 +180,8 @@ def _admin_paths() -> dict[str, Any]:
 
 def _webhook_paths() -> dict[str, Any]:
     """Paths of webhooks.ROUTES."""
-    webhook = _path("webhook_id", "^wh_[A-Za-z0-9_-]{22}$")
-    event = _path("event_id", "^evt_[A-Za-z0-9_.~-]{1,200}$")
+    webhook = _path("webhook_id", WEBHOOK_ID_PATTERN)
+    event = _path("event_id", EVENT_ID_PATTERN)
     status = {
         "name": "status",
         "in": "query",

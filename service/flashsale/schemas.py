@@ -15,6 +15,10 @@ SLUG_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 SLUG = re.compile(SLUG_PATTERN)
 DIGITS = re.compile(r"[0-9]{1,15}")  # a whole number from a query string or header, ASCII only
 MAX_STOCK = 10**9  # Redis Lua's cjson writes integers past 14 digits as floats: stay well below
+# Ids of webhooks and their events in a path: the route checks them (re.fullmatch, so no trailing
+# newline passes) and the OpenAPI spec declares them, from these one spellings.
+WEBHOOK_ID_PATTERN = r"^wh_[A-Za-z0-9_-]{22}$"
+EVENT_ID_PATTERN = r"^evt_[A-Za-z0-9_.~-]{1,200}$"
 Slug = Annotated[str, Meta(pattern=SLUG_PATTERN, description="letters, digits, _ and -, at most 64")]
 UserId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")]
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$")]

@@ -15,7 +15,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .errors import ApiError
-from .schemas import Delivery, DeliveryList, RotateIn, Webhook, WebhookCounts, WebhookIn, WebhookList
+from .schemas import (
+    EVENT_ID_PATTERN,
+    WEBHOOK_ID_PATTERN,
+    Delivery,
+    DeliveryList,
+    RotateIn,
+    Webhook,
+    WebhookCounts,
+    WebhookIn,
+    WebhookList,
+)
 from .signing import new_secret
 from .web import authorize, body, decode, json, limit, read
 
@@ -33,20 +43,20 @@ def _out(row: asyncpg.Record) -> Webhook:
     return Webhook(id=row["id"], url=row["url"], events=list(row["events"]), created_at=row["created_at"])
 
 
-WEBHOOK_ID = re.compile(r"^wh_[A-Za-z0-9_-]{22}(?!\n)$")
-EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_.~-]{1,200}(?!\n)$")
+WEBHOOK_ID = re.compile(WEBHOOK_ID_PATTERN)
+EVENT_ID = re.compile(EVENT_ID_PATTERN)
 
 
 def _webhook_id(request: Request) -> str:
     wid: str = request.path_params["webhook_id"]
-    if not WEBHOOK_ID.match(wid):
+    if not WEBHOOK_ID.fullmatch(wid):
         raise ApiError("not_found", f"no webhook {wid!r}")
     return wid
 
 
 def _event_id(request: Request, wid: str) -> str:
     eid: str = request.path_params["event_id"]
-    if not EVENT_ID.match(eid):
+    if not EVENT_ID.fullmatch(eid):
         raise ApiError("not_found", f"no delivery {eid!r} of webhook {wid!r}")
     return eid
 
