@@ -257,6 +257,8 @@ async def test_recover_brings_a_lost_sale_back_with_its_waiting_room(
     assert report.sale_reloaded and not report.problems
     assert (await client.get(f"/v1/sales/{sale}")).json()["waiting_room"]["admit_per_s"] == 7
     assert (await reserve(client, sale, "alice", None)).json()["error"]["code"] == "not_admitted"
-    ticket = (await join(client, sale, "alice")).json()
-    token = (await admitted(client, sale, ticket["ticket"], "alice"))["admission_token"]
-    assert (await reserve(client, sale, "alice", token)).status_code == 201
+    joined = await join(client, sale, "alice")
+    assert joined.status_code == 201, joined.text
+    token = (await admitted(client, sale, joined.json()["ticket"], "alice"))["admission_token"]
+    held = await reserve(client, sale, "alice", token)
+    assert held.status_code == 201, held.text
